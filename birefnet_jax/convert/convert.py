@@ -1,0 +1,240 @@
+"""Official PyTorch state dict -> (model config, Flax variables), checked 1:1 against the model."""
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from birefnet_jax.convert import infer, names
+from birefnet_jax.convert.reading import read_state_dict
+
+CONFIG_FILE = 'model_config.json'
+VARIABLES_DIR = 'variables'
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not map 1:1 onto the model; the message lists the differences."""
+
+
+def abstract_variables(cfg, height: int = 64, width: int = 64):
+  """Shapes and dtypes of the model's variables, without allocating them."""
+  from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
+  model = BiRefNet(cfg)
+  images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+
+
+def _format_list(title, items, limit=40):
+  items = sorted(items)
+  shown = '\n    '.join(items[:limit])
+  more = f'\n    ... and {len(items) - limit} more' if len(items) > limit else ''
+  return f'  {title} ({len(items)}):\n    {shown}{more}'
+
+
+def map_state_dict(state_dict, expected, *, source='checkpoint', key_prefix='', allow_missing=(),
+                   materialize=True):
+  """Maps torch entries onto the flat expected Flax tree {(collection, *path): ShapeDtypeStruct}.
+
+  Returns (flat variables, ignored keys); ``materialize=False`` only checks names and shapes
+  (the arrays stay views, e.g. of zero-stride stand-ins of a manifest). Raises CheckpointMismatchError listing missing,
+  unexpected and mis-shaped entries.
+  """
+  flat, unexpected, mis_shaped, ignored = {}, [], [], []
+  for key, value in state_dict.items():
+    mapped = names.torch_to_flax(key, np.asarray(value))
+    if mapped is None:
+      ignored.append(key)
+      continue
+    collection, path, array = mapped
+    full = (collection,) + path
+    if full not in expected:
+      unexpected.append(key_prefix + key)
+      continue
+    if tuple(array.shape) != tuple(expected[full].shape):
+      mis_shaped.append(f'{key_prefix}{key}: checkpoint {tuple(value.shape)} -> {tuple(array.shape)}, '
+                        f'model expects {tuple(expected[full].shape)} at {"/".join(full)}')
+      continue
+    if materialize and np.issubdtype(array.dtype, np.floating):
+      array = np.ascontiguousarray(array, dtype=np.float32)
+    flat[full] = array
+  missing = ['/'.join(p) for p in expected if p not in flat and not any(
+      '/'.join(p).startswith(a) for a in allow_missing)]
+  if missing or unexpected or mis_shaped:
+    parts = [f'{source} does not match the model 1:1:']
+    if missing:
+      parts.append(_format_list('missing (in the model, not in the checkpoint)', missing))
+    if unexpected:
+      parts.append(_format_list('unexpected (in the checkpoint, not in the model)', unexpected))
+    if mis_shaped:
+      parts.append(_format_list('shape mismatch', mis_shaped))
+    raise CheckpointMismatchError('\n'.join(parts))
+  return flat, ignored
+
+
+def _check_relative_position_index(state_dict, cfg, source):
+  from birefnet_jax.models.swin import relative_position_index  # pylint: disable=g-import-not-at-top
+  if cfg.backbone.family != 'swin':
+    return
+  expected = np.asarray(relative_position_index(cfg.backbone.window_size))
+  for key, value in state_dict.items():
+    if key.endswith('relative_position_index') and not np.array_equal(np.asarray(value), expected):
+      raise CheckpointMismatchError(f'{source}: {key} differs from the index of window size '
+                                    f'{cfg.backbone.window_size}')
+
+
+def convert_state_dict(state_dict, *, inref_order: str = 'current', source: str = 'checkpoint',
+                       pvt_heads=infer.PVT_DEFAULT_HEADS):
+  """Full official BiRefNet state dict -> (model config, {'params', 'batch_stats'} of numpy)."""
+  state_dict = {names.strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+  cfg = infer.infer_model_config(state_dict, inref_order=inref_order, pvt_heads=pvt_heads)
+  expected = names.flatten(jax.tree.map(lambda a: a, abstract_variables(cfg)))
+  flat, _ = map_state_dict(state_dict, expected, source=source)
+  _check_relative_position_index(state_dict, cfg, source)
+  variables = names.nest({k: v for k, v in flat.items()})
+  variables.setdefault('batch_stats', {})
+  return cfg, variables
+
+
+def _classifier_only(key: str) -> bool:
+  """Keys of ImageNet classification checkpoints that a segmentation backbone has no use for."""
+  return (key.startswith(('head.', 'norm.', 'fc.', 'pre_logits.')) or key == 'absolute_pos_embed'
+          or key.endswith(('attn_mask', 'relative_position_index', 'num_batches_tracked')))
+
+
+def convert_backbone_state_dict(state_dict, *, source: str = 'checkpoint',
+                                pvt_heads=infer.PVT_DEFAULT_HEADS):
+  """Official Swin/PVTv2 ImageNet weights -> (backbone config, {'params': {'bb': ...}}, ignored).
+
+  Extra classification keys (head.*, the final norm, attn_mask buffers) are ignored and reported.
+  The per-stage output norms norm0..3 (Swin) that the ImageNet files lack keep their identity
+  initialization, as in the official ``load_weights``; they are reported as missing.
+  """
+  state_dict = {names.strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+  if any(k.startswith('bb.') for k in state_dict):
+    state_dict = {k[3:]: v for k, v in state_dict.items() if k.startswith('bb.')}
+  ignored = sorted(k for k in state_dict if _classifier_only(k))
+  kept = {k: v for k, v in state_dict.items() if k not in ignored}
+  bb_cfg = infer.infer_backbone(kept, '', pvt_heads)
+  from birefnet_jax.models.birefnet import build_backbone  # pylint: disable=g-import-not-at-top
+  backbone = build_backbone(bb_cfg, None, name=None)
+  abstract = jax.eval_shape(lambda x: backbone.init(jax.random.PRNGKey(0), x),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  expected = names.flatten(abstract)
+  norms = tuple(f'params/norm{s}' for s in range(5))
+  flat, _ = map_state_dict(kept, expected, source=source, allow_missing=norms)
+  missing = sorted('/'.join(p) for p in expected if p not in flat)
+  params = names.nest({p[1:]: v for p, v in flat.items()})
+  return bb_cfg, {'params': {'bb': params}}, {'ignored': ignored, 'missing': missing}
+
+
+def config_to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  from birefnet_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
+  data = json.loads(text)
+  cfg = config_lib.model_config('swin_v1_l')
+  backbone = data.pop('backbone')
+  family = backbone.get('family')
+  if family == 'swin':
+    cfg.backbone = config_lib.swin_config(backbone['embed_dim'], backbone['depths'],
+                                          backbone['num_heads'], backbone['window_size'],
+                                          backbone.get('drop_path_rate', 0.2))
+  elif family == 'pvt_v2':
+    cfg.backbone = config_lib.pvt_config(backbone['embed_dims'], backbone['num_heads'],
+                                         backbone['mlp_ratios'], backbone['depths'],
+                                         backbone['sr_ratios'], backbone.get('drop_path_rate', 0.1))
+  else:
+    raise ValueError(f'unknown backbone family {family!r} in the model config')
+  for key in ('mlp_ratio', 'patch_size'):
+    if key in backbone:
+      cfg.backbone[key] = backbone[key]
+  unknown = sorted(set(data) - set(cfg.keys()))
+  if unknown:
+    raise ValueError(f'unknown model config fields {unknown}')
+  cfg.update(data)
+  return cfg
+
+
+def save_converted(directory: str, cfg, variables, *, overwrite: bool = False):
+  """Writes ``directory/variables`` (orbax) and ``directory/model_config.json`` atomically."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    if not overwrite:
+      raise FileExistsError(f'{directory} exists; pass --overwrite to replace it')
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.', dir=parent)
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.tree.map(np.asarray, variables))
+    checkpointer.wait_until_finished()
+    with open(os.path.join(staging, CONFIG_FILE), 'w') as f:
+      f.write(config_to_json(cfg))
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def load_converted(directory: str):
+  """(model, variables) from a directory written by ``save_converted`` / the converter tool."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if os.path.exists(os.path.join(directory, 'BACKBONE_ONLY')):
+    raise ValueError(f'{directory} holds only backbone weights (from an ImageNet checkpoint): use '
+                     'it to initialize training (config.init_backbone_from), not for inference')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{directory}: no {CONFIG_FILE}; not a converted BiRefNet checkpoint '
+                            '(make one with tools/convert_torch_weights.py)')
+  with open(config_path) as f:
+    cfg = config_from_json(f.read())
+  model = BiRefNet(cfg)
+  expected = abstract_variables(cfg)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), expected)
+  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, VARIABLES_DIR), abstract)
+  return model, variables
+
+
+def convert_file(src: str, dst: str | None = None, *, inref_order: str = 'current',
+                 overwrite: bool = False, backbone_only: bool | None = None):
+  """Reads ``src``, converts (full model or backbone), optionally writes ``dst``."""
+  state_dict = read_state_dict(src)
+  if backbone_only is None:
+    stripped = [names.strip_wrapper_prefixes(k) for k in state_dict]
+    backbone_only = not any(k.startswith('decoder.') for k in stripped)
+  if backbone_only:
+    bb_cfg, variables, report = convert_backbone_state_dict(state_dict, source=src)
+    from birefnet_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
+    cfg = config_lib.model_config('swin_v1_l')
+    cfg.backbone = bb_cfg
+  else:
+    cfg, variables = convert_state_dict(state_dict, inref_order=inref_order, source=src)
+    report = {'ignored': [], 'missing': []}
+  if dst is not None:
+    save_converted(dst, cfg, variables, overwrite=overwrite)
+    if backbone_only:
+      with open(os.path.join(dst, 'BACKBONE_ONLY'), 'w') as f:
+        f.write('This checkpoint holds only backbone weights (params/bb), for initializing training.\n')
+  return cfg, variables, backbone_only, report
+
+
+def load_converted_backbone(directory: str):
+  """(backbone config, {'params': {'bb': ...}}) from a backbone-only converter output."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    cfg = config_from_json(f.read())
+  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, VARIABLES_DIR))
+  return cfg.backbone, {'params': {'bb': variables['params']['bb']}}

@@ -1,0 +1,1 @@
+"""BiRefNet modules: backbones, decoder blocks, the whole model."""

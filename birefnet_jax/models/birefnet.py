@@ -1,0 +1,265 @@
+"""BiRefNet: encoder (backbone twice, 'cat' pyramid), context fusion, squeeze block and the decoder
+with InRef (image patches at every stage), OutRef (gradient attention) and multi-stage heads.
+
+Data flow (official ``models/birefnet.py``; shapes for an H x W input, C_i the backbone channels):
+
+  images (B,H,W,3) -> backbone -> x1..x4 (H/4..H/32)            full resolution pass
+  resize(images, H/2) -> backbone -> upsample -> concat onto x1..x4  ('cat': channels doubled)
+  x4 <- concat(resize(x1), resize(x2), resize(x3), x4)            context fusion (cxt_num = 3)
+  x4 <- BasicDecBlk(x4)                                           squeeze block
+  decoder: stage 4..1, each = concat(feature, InRef(image patches)) -> BasicDecBlk
+           -> multi-stage logits m_i and OutRef gradient attention -> upsample + lateral(x_{i-1})
+  final logits (B,H,W,1)
+
+Module names mirror the official state dict (see ``birefnet_jax.convert.names``).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from birefnet_jax import losses
+from birefnet_jax.models import config as config_lib
+from birefnet_jax.models.decoder_blocks import BasicDecBlk
+from birefnet_jax.models.layers import BatchNorm, conv
+from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
+from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
+from birefnet_jax.models.swin import SwinTransformer
+
+INREF_ORDERS = ('current', 'legacy')
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict):
+  """None (= follow the inputs: float32, or float64 under x64) or a reduced precision dtype."""
+  name = cfg.get('dtype', 'float32')
+  if name in (None, 'float32', 'float64'):
+    return None
+  return jnp.dtype(name)
+
+
+def image_to_patches(images, size, order: str = 'current'):
+  """Cuts NHWC ``images`` into a grid of (h, w) = ``size`` patches stacked on channels.
+
+  'current' is the official einops ``b c (hg h) (wg w) -> b (c hg wg) h w`` (colour-major, grid
+  row-major); 'legacy' is the order of official code before 2024-11-05 (patch-major, grid
+  column-major, colour fastest), which the older released weights were trained with.
+  """
+  b, height, width, c = images.shape
+  h, w = size
+  if height % h or width % w:
+    raise ValueError(f'input of size {height}x{width} cannot be cut into {h}x{w} patches: '
+                     'BiRefNet needs height and width that are multiples of 32')
+  gh, gw = height // h, width // w
+  x = images.reshape(b, gh, h, gw, w, c)
+  if order == 'current':
+    x = x.transpose(0, 2, 4, 5, 1, 3)   # (b, h, w, c, gh, gw)
+  elif order == 'legacy':
+    x = x.transpose(0, 2, 4, 3, 1, 5)   # (b, h, w, gw, gh, c)
+  else:
+    raise ValueError(f'inref_order must be one of {INREF_ORDERS}, got {order!r}')
+  return x.reshape(b, h, w, c * gh * gw)
+
+
+def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb'):
+  if bb.family == 'swin':
+    return SwinTransformer(embed_dim=bb.embed_dim, depths=tuple(bb.depths),
+                           num_heads=tuple(bb.num_heads), window_size=bb.window_size,
+                           mlp_ratio=bb.mlp_ratio, patch_size=bb.patch_size,
+                           drop_path_rate=bb.drop_path_rate, dtype=dtype, name=name)
+  if bb.family == 'pvt_v2':
+    return PyramidVisionTransformerImpr(embed_dims=tuple(bb.embed_dims),
+                                        num_heads=tuple(bb.num_heads),
+                                        mlp_ratios=tuple(bb.mlp_ratios), depths=tuple(bb.depths),
+                                        sr_ratios=tuple(bb.sr_ratios),
+                                        drop_path_rate=bb.drop_path_rate, dtype=dtype, name=name)
+  raise ValueError(f'unknown backbone family {bb.family!r} (expected swin or pvt_v2)')
+
+
+def encoder_channels(cfg) -> tuple[int, int, int, int]:
+  """Channels of x1..x4 fed to the decoder ('cat' doubles them), shallow to deep."""
+  channels = config_lib.backbone_channels(cfg.backbone)
+  factor = 2 if cfg.mul_scl_ipt == 'cat' else 1
+  return tuple(c * factor for c in channels)
+
+
+class SimpleConvs(nn.Module):
+  """InRef block: conv3x3 -> conv3x3, no normalization, no activation (official SimpleConvs)."""
+  out_channels: int
+  inter_channels: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = conv(self.inter_channels, 3, padding=1, dtype=self.dtype, name='conv1')(x)
+    return conv(self.out_channels, 3, padding=1, dtype=self.dtype, name='conv_out')(x)
+
+
+class BasicLatBlk(nn.Module):
+  """Lateral block: a 1x1 conv with bias."""
+  out_channels: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    return conv(self.out_channels, 1, dtype=self.dtype, name='conv')(x)
+
+
+class Decoder(nn.Module):
+  cfg: ml_collections.ConfigDict
+  dtype: Any = None
+
+  def _inref(self, name, out_channels, images, size):
+    cfg = self.cfg
+    if cfg.dec_ipt_split:
+      patches = image_to_patches(images, size, cfg.inref_order)
+    else:
+      patches = images
+    patches = resize(patches, size)
+    return SimpleConvs(out_channels, cfg.ipt_inter_channels, dtype=self.dtype, name=name)(patches)
+
+  def _dec_block(self, name, out_channels, x, train, deterministic):
+    cfg = self.cfg
+    return BasicDecBlk(out_channels=out_channels, inter_channels=cfg.dec_inter_channels,
+                       planes=cfg.aspp_planes, batch_norm=cfg.batch_norm,
+                       dropout_rate=cfg.dropout_rate, dtype=self.dtype,
+                       name=name)(x, train=train, deterministic=deterministic)
+
+  def _gradient_attention(self, level, p, train):
+    """OutRef at one level: returns (p * attention, gradient prediction logits)."""
+    cfg = self.cfg
+    g = conv(16, 3, padding=1, dtype=self.dtype, name=f'gdt_convs_{level}_0')(p)
+    if cfg.batch_norm:
+      g = BatchNorm(dtype=self.dtype, name=f'gdt_convs_{level}_1')(g, train)
+    g = nn.relu(g)
+    pred = None
+    if train or self.is_initializing():
+      pred = conv(1, 1, dtype=self.dtype, name=f'gdt_convs_pred_{level}_0')(g)
+    attention = nn.sigmoid(conv(1, 1, dtype=self.dtype, name=f'gdt_convs_attn_{level}_0')(g))
+    return p * attention, pred
+
+  @nn.compact
+  def __call__(self, images, x1, x2, x3, x4, gdt_gt, train: bool, deterministic: bool):
+    cfg = self.cfg
+    ch = encoder_channels(cfg)[::-1]                      # (C4, C3, C2, C1)
+    ipt_out = (ch[0] // 8, ch[1] // 8, ch[2] // 8, ch[3] // 8)
+    dec_out = (ch[1], ch[2], ch[3], ch[3] // 2)
+    heads = cfg.ms_supervision and (train or self.is_initializing())
+    out_ref = cfg.ms_supervision and cfg.out_ref
+    height, width = images.shape[1:3]
+
+    scaled_logits, gdt_preds, gdt_labels = [], [], []
+
+    def side_outputs(level, p):
+      """Multi-stage head m_level (train only) and OutRef; returns the attended feature."""
+      m = None
+      if heads:
+        m = conv(1, 1, dtype=self.dtype, name=f'conv_ms_spvn_{level}')(p)
+        if train:
+          scaled_logits.append(m)
+      if out_ref:
+        p, pred = self._gradient_attention(level, p, train)
+        if train:
+          gdt_labels.append(gdt_gt * resize(m, (height, width)).astype(gdt_gt.dtype))
+          gdt_preds.append(pred)
+      return p
+
+    # Stage 4.
+    x = x4
+    if cfg.dec_ipt:
+      x = jnp.concatenate([x, self._inref('ipt_blk5', ipt_out[0], images, x4.shape[1:3])], -1)
+    p4 = self._dec_block('decoder_block4', dec_out[0], x, train, deterministic)
+    p4 = side_outputs(4, p4)
+    # Stage 3.
+    x = resize(p4, x3.shape[1:3]) + BasicLatBlk(dec_out[0], self.dtype, name='lateral_block4')(x3)
+    if cfg.dec_ipt:
+      x = jnp.concatenate([x, self._inref('ipt_blk4', ipt_out[0], images, x3.shape[1:3])], -1)
+    p3 = self._dec_block('decoder_block3', dec_out[1], x, train, deterministic)
+    p3 = side_outputs(3, p3)
+    # Stage 2.
+    x = resize(p3, x2.shape[1:3]) + BasicLatBlk(dec_out[1], self.dtype, name='lateral_block3')(x2)
+    if cfg.dec_ipt:
+      x = jnp.concatenate([x, self._inref('ipt_blk3', ipt_out[1], images, x2.shape[1:3])], -1)
+    p2 = self._dec_block('decoder_block2', dec_out[2], x, train, deterministic)
+    p2 = side_outputs(2, p2)
+    # Stage 1 (no side outputs), then full resolution.
+    x = resize(p2, x1.shape[1:3]) + BasicLatBlk(dec_out[2], self.dtype, name='lateral_block2')(x1)
+    if cfg.dec_ipt:
+      x = jnp.concatenate([x, self._inref('ipt_blk2', ipt_out[2], images, x1.shape[1:3])], -1)
+    p1 = self._dec_block('decoder_block1', dec_out[3], x, train, deterministic)
+    p1 = resize(p1, (height, width))
+    if cfg.dec_ipt:
+      p1 = jnp.concatenate([p1, self._inref('ipt_blk1', ipt_out[3], images, (height, width))], -1)
+    final = conv(1, 1, dtype=self.dtype, name='conv_out1_0')(p1)
+    scaled_logits.append(final)
+    return scaled_logits, gdt_preds, gdt_labels
+
+
+class BiRefNet(nn.Module):
+  """The whole model. ``apply(variables, images)`` gives the final logits (B,H,W,1) in eval mode;
+  with ``train=True`` a dict of everything the losses need (see ``__call__``)."""
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, deterministic: bool | None = None):
+    """images: (B,H,W,3) ImageNet-normalized, H and W multiples of 32.
+
+    train=False: returns final logits (B,H,W,1) (float32).
+    train=True: returns dict(scaled_logits=[m4, m3, m2, final], gdt_preds=[g4, g3, g2],
+      gdt_labels=[l4, l3, l2], class_logits=(B, num_classes) or None); BatchNorm uses batch
+      statistics (call with mutable=['batch_stats']). ``deterministic`` (default: not train)
+      turns Dropout and DropPath off, e.g. to compare train mode with the official model.
+    """
+    cfg = self.cfg
+    if deterministic is None:
+      deterministic = not train
+    dtype = compute_dtype(cfg)
+    height, width = images.shape[1:3]
+    if height % 32 or width % 32:
+      raise ValueError(f'BiRefNet needs height and width that are multiples of 32, got {height}x{width}')
+    x = images if dtype is None else images.astype(dtype)
+    backbone = build_backbone(cfg.backbone, dtype)
+
+    # Encoder: full resolution, then the half-resolution pyramid pass.
+    features = list(backbone(x, deterministic=deterministic))
+    if cfg.mul_scl_ipt in ('cat', 'add'):
+      half = resize(x, (height // 2, width // 2))
+      for i, f in enumerate(backbone(half, deterministic=deterministic)):
+        f = resize(f, features[i].shape[1:3])
+        features[i] = (jnp.concatenate([features[i], f], -1) if cfg.mul_scl_ipt == 'cat'
+                       else features[i] + f)
+    elif cfg.mul_scl_ipt:
+      raise ValueError(f"mul_scl_ipt must be 'cat', 'add' or '', got {cfg.mul_scl_ipt!r}")
+    x1, x2, x3, x4 = features
+
+    class_logits = None
+    if cfg.auxiliary_classification and (train or self.is_initializing()):
+      pooled = jnp.mean(x4.astype(jnp.float32) if dtype is not None else x4, axis=(1, 2))
+      class_logits = nn.Dense(cfg.num_classes, dtype=dtype, name='cls_head_0')(pooled)
+      class_logits = class_logits.astype(jnp.promote_types(class_logits.dtype, jnp.float32))
+
+    # Context fusion and squeeze.
+    if cfg.cxt_num:
+      context = [resize(f, x4.shape[1:3]) for f in (x1, x2, x3)][-cfg.cxt_num:]
+      x4 = jnp.concatenate(context + [x4], -1)
+    for i in range(cfg.squeeze_blocks):
+      x4 = BasicDecBlk(out_channels=encoder_channels(cfg)[3], inter_channels=cfg.dec_inter_channels,
+                       planes=cfg.aspp_planes, batch_norm=cfg.batch_norm,
+                       dropout_rate=cfg.dropout_rate, dtype=dtype,
+                       name=f'squeeze_module_{i}')(x4, train=train, deterministic=deterministic)
+
+    gdt_gt = None
+    if train and cfg.ms_supervision and cfg.out_ref:
+      gdt_gt = losses.laplacian_gdt_gt(images)
+    scaled_logits, gdt_preds, gdt_labels = Decoder(cfg, dtype=dtype, name='decoder')(
+        x, x1, x2, x3, x4, gdt_gt, train=train, deterministic=deterministic)
+
+    out_dtype = jnp.promote_types(images.dtype, jnp.float32)
+    cast = lambda a: a.astype(out_dtype)
+    if not train:
+      return cast(scaled_logits[-1])
+    return dict(scaled_logits=[cast(a) for a in scaled_logits],
+                gdt_preds=[cast(a) for a in gdt_preds],
+                gdt_labels=[cast(a) for a in gdt_labels],
+                class_logits=class_logits)

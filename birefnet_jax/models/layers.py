@@ -1,0 +1,66 @@
+"""Small layers shared by the BiRefNet modules, with PyTorch's numerics.
+
+Parameter names follow the official state dict (see ``birefnet_jax.convert.names``): a conv's
+``weight`` is our ``kernel`` (HWIO), a norm's ``weight`` is our ``scale``, BatchNorm running
+statistics live in the ``batch_stats`` collection as ``mean`` / ``var``.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+         use_bias: bool = True, groups: int = 1, dtype: Any = None, name: str | None = None):
+  """A ``torch.nn.Conv2d`` in NHWC with torch's explicit symmetric zero padding (never 'SAME')."""
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                 feature_group_count=groups, dtype=dtype, name=name)
+
+
+def layer_norm(epsilon: float = 1e-5, dtype: Any = None, name: str | None = None):
+  """``torch.nn.LayerNorm`` over the last axis (torch's eps default is 1e-5, flax's is 1e-6)."""
+  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype, name=name)
+
+
+gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU() is the exact erf form
+
+
+class BatchNorm(nn.Module):
+  """``torch.nn.BatchNorm2d`` (eps 1e-5, momentum 0.1) over the last axis of NHWC input.
+
+  In training it normalizes with the biased batch variance and, like torch, updates the running
+  variance with the unbiased one (N / (N - 1)). Under ``jax.jit`` over a data-parallel mesh the
+  batch statistics are those of the global batch (torch's DDP computes them per GPU).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if train:
+      xs = x.astype(stat_dtype)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xs, axes)
+      var = jnp.mean(jnp.square(xs - mean), axes)
+      if not self.is_initializing():
+        n = x.size // features
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        running_mean.value = ((1 - m) * running_mean.value + m * mean).astype(running_mean.value.dtype)
+        running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(running_var.value.dtype)
+    else:
+      mean = running_mean.value.astype(stat_dtype)
+      var = running_var.value.astype(stat_dtype)
+    inv = (scale.astype(stat_dtype) / jnp.sqrt(var + self.epsilon))
+    y = (x.astype(stat_dtype) - mean) * inv + bias.astype(stat_dtype)
+    return y.astype(self.dtype or x.dtype)

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Converts an official BiRefNet PyTorch checkpoint into a Flax checkpoint.
+
+  python tools/convert_torch_weights.py SRC DST [--inref-order legacy|current] [--overwrite]
+
+SRC: an official ``.safetensors`` (read without torch) or ``.pth`` state dict (optionally nested
+under 'model'/'state_dict', optionally with ``module.``/``_orig_mod.`` prefixes), or an official
+Swin/PVTv2 ImageNet backbone checkpoint (written as backbone-only weights for initializing
+training). The architecture (backbone family and sizes, decoder widths, BatchNorm, auxiliary
+head...) is read off the tensors. DST: a directory with the orbax checkpoint of the Flax
+variables and ``model_config.json``; load it with ``birefnet_jax.load_converted(DST)``.
+
+``--inref-order``: official weights released before 2024-11-05 (the paper's DIS/COD/HRSOD models,
+general BiRefNet, lite, matting, portrait) were trained with the legacy InRef patch order; later
+ones (BiRefNet_HR, HR-matting, dynamic) with the current one. Nothing in a checkpoint tells them
+apart; see the README.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from birefnet_jax.convert import CheckpointMismatchError, convert_file  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def count_parameters(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('src', help='official checkpoint (.safetensors or .pth)')
+  parser.add_argument('dst', help='output directory')
+  parser.add_argument('--inref-order', choices=('current', 'legacy'), default='current',
+                      help='InRef patch channel order the checkpoint was trained with')
+  parser.add_argument('--backbone-only', action='store_true',
+                      help='treat SRC as an ImageNet backbone checkpoint (detected automatically)')
+  parser.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
+  args = parser.parse_args(argv)
+  try:
+    cfg, variables, backbone_only, report = convert_file(
+        args.src, args.dst, inref_order=args.inref_order, overwrite=args.overwrite,
+        backbone_only=args.backbone_only or None)
+  except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  bb = cfg.backbone
+  params = count_parameters(variables.get('params', {}))
+  kind = 'backbone-only' if backbone_only else 'BiRefNet'
+  print(f'converted {kind} checkpoint {args.src} -> {args.dst}')
+  print(f'  backbone: {bb.family} {dict(bb)}')
+  print(f'  parameters: {params:,}')
+  if not backbone_only:
+    print(f'  decoder: aspp_planes={cfg.aspp_planes} dec_inter_channels={cfg.dec_inter_channels} '
+          f'ipt_inter_channels={cfg.ipt_inter_channels} batch_norm={cfg.batch_norm} '
+          f'auxiliary_classification={cfg.auxiliary_classification} inref_order={cfg.inref_order}')
+  for what in ('ignored', 'missing'):
+    if report[what]:
+      print(f'  {what} ({len(report[what])}): {", ".join(report[what][:20])}'
+            f'{" ..." if len(report[what]) > 20 else ""}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
