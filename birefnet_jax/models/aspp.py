@@ -1,0 +1,77 @@
+"""The official ``ASPPDeformable``: four deformable branches and a global-pooling branch, fused by
+a 1x1 conv.
+
+Branches (in the concatenation order of the official forward): ``aspp1`` (1x1 deformable),
+``aspp_deforms_0/1/2`` (1x1, 3x3, 7x7 deformable; ``aspp1`` and ``aspp_deforms_0`` are two
+independent 1x1 branches), and ``global_avg_pool_1/2`` (mean over H, W -> 1x1 conv -> BN -> ReLU,
+broadcast back to H x W, which is what the official align_corners resize of a 1x1 map does).
+Each branch has ``planes`` channels (official 256); ``conv1`` maps the 5 * planes back to
+``in_channels`` -> ``bn1`` -> ReLU -> Dropout(0.5). No dilation anywhere despite the "atrous" names.
+
+``batch_norm=False`` mirrors the official ``nn.Identity`` that replaces every BatchNorm when the
+training batch size is 1: no BN variables exist then.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from birefnet_jax.models import layers
+from birefnet_jax.models.deform_conv import DeformableConv2d
+
+BRANCH_KERNEL_SIZES = (1, 3, 7)  # official parallel_block_sizes
+
+
+def batch_norm_or_identity(enabled: bool, dtype: Any, name: str):
+  """``layers.BatchNorm`` called as ``(x, train)``, or an identity with the same call."""
+  if enabled:
+    return layers.BatchNorm(dtype=dtype, name=name)
+  return lambda x, train: x
+
+
+class DeformableBranch(nn.Module):
+  """The official ``_ASPPModuleDeformable``: DeformableConv2d (no bias) -> BN -> ReLU."""
+  planes: int
+  kernel_size: int
+  batch_norm: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = DeformableConv2d(self.planes, self.kernel_size, dtype=self.dtype, name='atrous_conv')(x)
+    x = batch_norm_or_identity(self.batch_norm, self.dtype, 'bn')(x, train)
+    return nn.relu(x)
+
+
+class ASPPDeformable(nn.Module):
+  """Output has ``in_channels`` channels and the input's spatial size."""
+  in_channels: int
+  planes: int = 256
+  dropout_rate: float = 0.5
+  batch_norm: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool, deterministic: bool):
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f'aspp.py: ASPPDeformable(in_channels={self.in_channels}) got input with '
+                       f'{x.shape[-1]} channels (shape {x.shape})')
+    branch = lambda k, name: DeformableBranch(self.planes, k, self.batch_norm, self.dtype,
+                                              name=name)
+    outs = [branch(1, 'aspp1')(x, train)]
+    outs += [branch(k, f'aspp_deforms_{j}')(x, train) for j, k in enumerate(BRANCH_KERNEL_SIZES)]
+
+    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    pooled = layers.conv(self.planes, 1, use_bias=False, dtype=self.dtype,
+                         name='global_avg_pool_1')(pooled)
+    pooled = batch_norm_or_identity(self.batch_norm, self.dtype, 'global_avg_pool_2')(
+        pooled, train)
+    pooled = nn.relu(pooled)
+    outs.append(jnp.broadcast_to(pooled, x.shape[:3] + pooled.shape[-1:]).astype(outs[0].dtype))
+
+    y = jnp.concatenate(outs, axis=-1)
+    y = layers.conv(self.in_channels, 1, use_bias=False, dtype=self.dtype, name='conv1')(y)
+    y = batch_norm_or_identity(self.batch_norm, self.dtype, 'bn1')(y, train)
+    y = nn.relu(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic or not train)
