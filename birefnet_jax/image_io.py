@@ -1,0 +1,103 @@
+"""Image files for inference: finding them, reading them leniently, preprocessing, writing PNGs.
+
+Decoding is ``birefnet_jax.data.decode`` (the official ``cv2.imread`` conventions: BGR -> RGB,
+grayscale / palette / 1-bit expanded to 3 channels, alpha dropped, 16-bit reduced to 8 bits,
+EXIF orientation applied). Here a file that cannot be decoded is not an error but a
+``(None, reason)`` answer, so that a folder with one broken file still gets predicted.
+"""
+
+import os
+import tempfile
+
+import cv2
+import numpy as np
+
+from birefnet_jax.data import decode
+
+# Extensions picked up when a folder is given (a file named explicitly is always tried).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.dib', '.tif', '.tiff',
+                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm')
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _is_image_name(name):
+  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(paths):
+  """Files to predict: ``[(path, relative path)]`` for files and folders (recursive, sorted).
+
+  A file given directly is relative to its own folder (its name); a file found under a given
+  folder keeps its path below that folder, so that outputs mirror the input tree. Hidden files
+  and folders are skipped. Raises FileNotFoundError for a path that does not exist.
+  """
+  found = []
+  for path in paths:
+    path = os.fspath(path)
+    if os.path.isfile(path):
+      found.append((path, os.path.basename(path)))
+    elif os.path.isdir(path):
+      for folder, subfolders, files in os.walk(path):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
+        for name in sorted(files):
+          if _is_image_name(name):
+            file_path = os.path.join(folder, name)
+            found.append((file_path, os.path.relpath(file_path, path)))
+    else:
+      raise FileNotFoundError(f'{path}: no such file or folder')
+  return found
+
+
+def try_read_image(path):
+  """``(RGB uint8 (H, W, 3), None)``, or ``(None, reason)`` for an unreadable file."""
+  try:
+    return decode.read_image(path), None
+  except (decode.ImageDecodeError, OSError) as e:
+    return None, str(e)
+  except cv2.error as e:  # e.g. a decoder refusing an image too large for its limits
+    detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return None, f'{os.fspath(path)}: OpenCV could not decode it ({detail})'
+
+
+def resize_linear(image, size_hw):
+  """cv2.resize INTER_LINEAR (no antialias) to ``(height, width)``, as the official loader."""
+  return decode.resize_linear(image, size_hw)
+
+
+def normalize(images_uint8):
+  """uint8 RGB -> float32 ImageNet-normalized, as ToTensor + Normalize (float32 throughout)."""
+  x = images_uint8.astype(np.float32) / np.float32(255)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def write_png(path, array):
+  """Writes a uint8 (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA array as a PNG.
+
+  The file appears complete or not at all (written beside it, then renamed), so an interrupted
+  run never leaves a truncated PNG that a later run would take for a finished output.
+  """
+  array = np.asarray(array)
+  if array.dtype != np.uint8:
+    raise ValueError(f'{path}: PNG output must be uint8, got {array.dtype}')
+  if array.ndim == 3 and array.shape[-1] == 3:
+    array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+  elif array.ndim == 3 and array.shape[-1] == 4:
+    array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
+  elif array.ndim != 2:
+    raise ValueError(f'{path}: cannot write an array of shape {array.shape} as a PNG')
+  ok, encoded = cv2.imencode('.png', array)
+  if not ok:
+    raise OSError(f'{path}: PNG encoding failed')
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, staging = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(encoded.tobytes())
+    os.replace(staging, path)
+  except BaseException:
+    if os.path.exists(staging):
+      os.remove(staging)
+    raise
