@@ -9,6 +9,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -64,3 +65,21 @@ class BatchNorm(nn.Module):
     inv = (scale.astype(stat_dtype) / jnp.sqrt(var + self.epsilon))
     y = (x.astype(stat_dtype) - mean) * inv + bias.astype(stat_dtype)
     return y.astype(self.dtype or x.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm ``DropPath``): zero a sample's residual branch with
+  probability ``rate`` and scale the kept ones by ``1 / (1 - rate)``. Identity when
+  ``deterministic`` or ``rate == 0``; otherwise draws from the ``'drop_path'`` rng stream."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng('drop_path'), keep_prob, shape).astype(x.dtype)
+    if keep_prob > 0.0:  # timm divides only when something can be kept
+      keep = keep / jnp.asarray(keep_prob, x.dtype)
+    return x * keep

@@ -22,30 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from birefnet_jax.models import layers
+from birefnet_jax.models.layers import DropPath
 
 # LayerNorm eps of the official code: the blocks and stage outputs use the pvt_v2_b* presets'
 # partial(nn.LayerNorm, eps=1e-6); the patch embeddings and the sr norm are plain nn.LayerNorm.
 BLOCK_NORM_EPS = 1e-6
 PATCH_EMBED_NORM_EPS = 1e-5
 SR_NORM_EPS = 1e-5
-
-
-class DropPath(nn.Module):
-  """Stochastic depth per sample (timm ``DropPath``): zero a sample's residual branch with
-  probability ``rate`` and scale the kept ones by ``1 / (1 - rate)``. Identity when
-  ``deterministic`` or ``rate == 0``; otherwise draws from the ``'drop_path'`` rng stream."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    keep_prob = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = jax.random.bernoulli(self.make_rng('drop_path'), keep_prob, shape).astype(x.dtype)
-    if keep_prob > 0.0:  # timm divides only when something can be kept
-      keep = keep / jnp.asarray(keep_prob, x.dtype)
-    return x * keep
 
 
 class OverlapPatchEmbed(nn.Module):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from birefnet_jax.models.layers import conv, gelu, layer_norm
+from birefnet_jax.models.layers import DropPath, conv, gelu, layer_norm
 
 
 def relative_position_index(window_size: int) -> np.ndarray:
@@ -75,23 +75,6 @@ def window_reverse(windows, window_size: int, padded_h: int, padded_w: int):
   x = windows.reshape(b, padded_h // w, padded_w // w, w, w, c)
   x = x.transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, padded_h, padded_w, c)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth (timm ``DropPath``): drops the whole branch per sample, scales by 1/keep.
-
-  Active only when ``deterministic`` is False; draws from the 'drop_path' rng stream.
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    keep_prob = 1.0 - self.rate
-    keep = jax.random.bernoulli(self.make_rng('drop_path'), keep_prob,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
 class WindowAttention(nn.Module):

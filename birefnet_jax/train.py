@@ -1,0 +1,509 @@
+"""Training BiRefNet: one flat loop, read top to bottom (big_vision style).
+
+  config -> mesh -> data iterator -> model init (random / converted weights) -> optimizer
+  -> jitted train step -> [resume from the workdir's checkpoint] -> loop:
+       step; every log_every: progress line, W/metrics.jsonl, TensorBoard;
+       every eval_every: validation (birefnet_jax.metrics), samples to TensorBoard;
+       every ckpt_every and after each validation: checkpoint (async).
+
+Determinism: the batch of step s depends only on (seed, s) through the checkpointed grain
+iterator, dropout / drop-path keys are folded from s, and the finetune loss weights are a
+function of s, so a run killed at any point and restarted from its last checkpoint logs the
+same losses as one that was never interrupted.
+"""
+
+import itertools
+import json
+import os
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from birefnet_jax import checkpoint as checkpoint_lib
+from birefnet_jax import losses
+from birefnet_jax import optim
+from birefnet_jax import sharding
+from birefnet_jax.convert import names
+from birefnet_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
+from birefnet_jax.models.resize import source_indices
+from birefnet_jax.train_state import TrainState
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers (everything the loop calls that is not one line).
+# ----------------------------------------------------------------------------------------------
+
+def log(message: str):
+  """Progress output of process 0 (stdout: absl INFO is muted, orbax is too chatty there)."""
+  if jax.process_index() == 0:
+    print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
+
+
+def global_batch_size(config) -> int:
+  if config.get('batch_size', 0) and config.batch_size > 0:
+    return int(config.batch_size)
+  return int(config.batch_size_per_device) * jax.device_count()
+
+
+def resolve_schedule(config, num_train_examples: Optional[int], batch_size: int):
+  """(steps_per_epoch, epochs, total_steps) of the run.
+
+  An epoch is ``num_train_examples // batch_size`` steps (drop_last, as the official loader)
+  unless ``config.steps_per_epoch`` fixes it; ``config.total_steps > 0`` shortens (or
+  lengthens) the run without changing what an epoch is, so lr / finetune schedules keep their
+  meaning.
+  """
+  steps_per_epoch = int(config.get('steps_per_epoch', -1) or -1)
+  if steps_per_epoch <= 0:
+    if not num_train_examples:
+      raise ValueError('cannot tell the training set size: set config.steps_per_epoch')
+    steps_per_epoch = max(1, num_train_examples // batch_size)
+  epochs = int(config.epochs)
+  total_steps = int(config.get('total_steps', -1) or -1)
+  if total_steps <= 0:
+    total_steps = epochs * steps_per_epoch
+  return steps_per_epoch, epochs, total_steps
+
+
+def loss_lambdas(config, step: int, steps_per_epoch: int, epochs: int) -> dict:
+  """Pixel-loss lambdas for ``step``: the official ones, decayed in the last N epochs.
+
+  Criteria whose official lambda is 0 are left out (the loss skips them statically); the others
+  are passed to the step as traced scalars, so the decay never recompiles the step.
+  """
+  task = config.loss_task
+  base = {k: v for k, v in losses.pixel_lambdas(task).items() if v != 0}
+  last = int(config.finetune_last_epochs)
+  if last >= 0:   # 0 (or positive): no finetune window
+    return base
+  epoch = step // steps_per_epoch + 1          # 1-based, as train.py's loop
+  started = max(0, epoch - (epochs + last))
+  return losses.finetune_lambdas(base, started, task)
+
+
+def merge_pretrained(variables, loaded, source: str):
+  """Copies the leaves of ``loaded`` whose path and shape exist in ``variables``.
+
+  Returns the merged tree and a report (missing / unexpected / shape-mismatched paths), so a
+  converted backbone fills ``params/bb`` and leaves the decoder at its random initialization.
+  """
+  want = names.flatten(jax.tree.map(lambda x: x, variables))
+  have = names.flatten(jax.tree.map(lambda x: x, loaded))
+  merged, mismatched = {}, []
+  for path, value in want.items():
+    if path in have and tuple(have[path].shape) == tuple(value.shape):
+      merged[path] = np.asarray(have[path], dtype=value.dtype)
+    else:
+      if path in have:
+        mismatched.append(f'{"/".join(path)}: {tuple(have[path].shape)} vs model {tuple(value.shape)}')
+      merged[path] = value
+  missing = sorted('/'.join(p) for p in want if p not in have)
+  unexpected = sorted('/'.join(p) for p in have if p not in want)
+  loaded_count = len(want) - len(missing) - len(mismatched)
+  log(f'init_from {source}: loaded {loaded_count}/{len(want)} arrays; missing {len(missing)}, '
+      f'unexpected {len(unexpected)}, shape mismatch {len(mismatched)}')
+  for title, items in (('missing (kept random)', missing), ('unexpected (ignored)', unexpected),
+                       ('shape mismatch (kept random)', mismatched)):
+    if items:
+      shown = ', '.join(items[:12]) + (f', ... (+{len(items) - 12})' if len(items) > 12 else '')
+      log(f'  {title}: {shown}')
+  return names.nest(merged), dict(missing=missing, unexpected=unexpected, mismatched=mismatched)
+
+
+def load_pretrained_variables(path: str):
+  """Variables of a converted checkpoint dir: a whole BiRefNet, or an ImageNet backbone."""
+  from birefnet_jax.convert import convert as convert_lib  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(path, 'BACKBONE_ONLY')):
+    _, variables = convert_lib.load_converted_backbone(path)
+    return variables
+  _, variables = convert_lib.load_converted(path)
+  return variables
+
+
+def resize_align_corners_np(prob: np.ndarray, size) -> np.ndarray:
+  """(h, w) float32 -> ``size``: torch's align_corners bilinear (W first, then H), on the host.
+
+  Same arithmetic as ``models.resize`` (which it borrows the indices from), in numpy so that the
+  many different GT sizes of a validation set do not each compile a device program.
+  """
+  out_h, out_w = size
+  x = prob.astype(np.float32)
+  if x.shape[1] != out_w:
+    i0, i1, lam = source_indices(x.shape[1], out_w, np.float32)
+    x = (1 - lam)[None, :] * x[:, i0] + lam[None, :] * x[:, i1]
+  if x.shape[0] != out_h:
+    i0, i1, lam = source_indices(x.shape[0], out_h, np.float32)
+    x = (1 - lam)[:, None] * x[i0, :] + lam[:, None] * x[i1, :]
+  return x
+
+
+def to_uint8(prob: np.ndarray) -> np.ndarray:
+  """Official ``mul(255).byte()``: truncation, not rounding."""
+  return (np.clip(prob, 0, 1) * 255).astype(np.uint8)
+
+
+def denormalize(image: np.ndarray) -> np.ndarray:
+  rgb = image * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
+  return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def sample_panel(image, gt_uint8, pred_uint8, max_width: int = 768) -> np.ndarray:
+  """[image | GT | prediction] at the GT's size, for TensorBoard (HWC uint8)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  h, w = gt_uint8.shape
+  rgb = cv2.resize(denormalize(image), (w, h), interpolation=cv2.INTER_LINEAR)
+  gray = lambda m: np.repeat(m[:, :, None], 3, axis=2)
+  panel = np.concatenate([rgb, gray(gt_uint8), gray(pred_uint8)], axis=1)
+  if panel.shape[1] > max_width:
+    scale = max_width / panel.shape[1]
+    panel = cv2.resize(panel, (max_width, max(1, int(round(panel.shape[0] * scale)))),
+                       interpolation=cv2.INTER_AREA)
+  return panel
+
+
+class MetricsWriter:
+  """W/metrics.jsonl (one JSON object per line) + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.tb = None
+    if self.enabled:
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:
+        logging.warning('tensorboardX is not installed: no TensorBoard output')
+
+  def write(self, step: int, kind: str, values: dict):
+    if not self.enabled:
+      return
+    record = dict(step=int(step), kind=kind, **{k: _to_json(v) for k, v in values.items()})
+    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+          self.tb.add_scalar(f'{kind}/{k}', float(v), step)
+      self.tb.flush()
+
+  def images(self, step: int, tag: str, panels):
+    if self.enabled and self.tb is not None:
+      for i, panel in enumerate(panels):
+        self.tb.add_image(f'{tag}/{i}', panel, step, dataformats='HWC')
+      self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+def _to_json(v):
+  if isinstance(v, (np.floating, np.integer)):
+    return v.item()
+  if isinstance(v, np.ndarray):
+    return v.tolist()
+  return v
+
+
+# ----------------------------------------------------------------------------------------------
+# The step functions.
+# ----------------------------------------------------------------------------------------------
+
+def make_train_step(model, tx, lr_schedule, *, base_rng, deterministic: bool,
+                    use_class_labels: bool, grad_accum_steps: int = 1, return_grads: bool = False):
+  """train_step(state, batch, lambdas) -> (state, metrics); pure, to be jitted.
+
+  ``lambdas``: the pixel-loss weights as (traced) scalars, see ``loss_lambdas``.
+  ``return_grads`` adds the gradients to the metrics (tests compare them with the official ones).
+  """
+
+  def train_step(state: TrainState, batch, lambdas):
+    # Dropout / drop-path randomness is a function of the step: identical after a resume.
+    step_rng = jax.random.fold_in(base_rng, state.step)
+    rngs = {'dropout': jax.random.fold_in(step_rng, 0), 'drop_path': jax.random.fold_in(step_rng, 1)}
+
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      outs, updates = model.apply(variables, batch['image'], train=True,
+                                  deterministic=deterministic, mutable=['batch_stats'], rngs=rngs)
+      class_labels = batch['class_label'] if use_class_labels else None
+      loss, terms = losses.total_loss(outs, batch['mask'], class_labels=class_labels,
+                                      lambdas=lambdas)
+      return loss, (terms, updates.get('batch_stats', {}))
+
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    metrics = dict(terms, loss=loss, grad_norm=_global_norm(grads),
+                   lr=lr_schedule(state.step // grad_accum_steps))
+    if return_grads:
+      metrics['grads'] = grads
+    return new_state, metrics
+
+  return train_step
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_predict_fn(model):
+  """predict(state, images) -> sigmoid probabilities (B, H, W) float32 (eval mode)."""
+
+  def predict(state: TrainState, images):
+    logits = model.apply(state.variables, images, train=False)
+    return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+
+  return predict
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
+  """Validation on every set of ``config.data.val_sets``, as the official evaluation.
+
+  Predictions at the network size are resized back to each GT's size with align_corners
+  bilinear, truncated to uint8, and scored with ``birefnet_jax.metrics.MetricAccumulator``.
+  Every process feeds its share of each batch; the (replicated) output is scored on process 0.
+  Returns ({'<set>/<metric>': value}, [sample panels]).
+  """
+  from birefnet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from birefnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  batch_size = int(config.eval_batch_size_per_device) * jax.device_count()
+  local = batch_size // jax.process_count()
+  lo = jax.process_index() * local
+  in_sharding = sharding.batch_sharding(mesh)
+  results, panels = {}, []
+  val_sets = pipeline.val_set_names(config.data)
+  limit = int(config.get('max_eval_images', -1))
+  for set_name in val_sets:
+    accumulator = metrics_lib.MetricAccumulator()
+    examples = pipeline.eval_examples(config.data, set_name)
+    if limit > 0:
+      examples = itertools.islice(examples, limit)
+    examples = iter(examples)
+    while True:
+      chunk = list(itertools.islice(examples, batch_size))
+      if not chunk:
+        break
+      images = np.stack([e['image'] for e in chunk]).astype(np.float32)
+      if len(chunk) < batch_size:   # pad the last batch; padded rows are dropped below
+        pad = np.zeros((batch_size - len(chunk),) + images.shape[1:], images.dtype)
+        images = np.concatenate([images, pad])
+      probs = predict(state, sharding.global_batch(images[lo:lo + local], in_sharding))
+      if jax.process_index() != 0:
+        continue
+      probs = np.asarray(jax.device_get(probs))[:len(chunk)]
+      for prob, example in zip(probs, chunk):
+        gt = example['mask_uint8']
+        pred = to_uint8(resize_align_corners_np(prob, gt.shape))
+        accumulator.update(pred, gt, name=example.get('name'))
+        if len(panels) < num_samples and set_name == val_sets[0]:
+          panels.append(sample_panel(example['image'], gt, pred))
+    if jax.process_index() == 0:
+      for k, v in accumulator.result().items():
+        results[f'{set_name}/{k}'] = float(v)
+  return results, panels
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last metrics."""
+  from birefnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # Mesh: every device of every process; the batch is split over all of them.
+  mesh = sharding.make_mesh(int(config.get('fsdp', 1)))
+  batch_size = global_batch_size(config)
+  local_batch = sharding.local_batch_size(batch_size)
+  log(f'{jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} '
+      f'process(es), mesh {dict(mesh.shape)}; global batch {batch_size}')
+
+  # Input pipeline: this process's shard of every global batch, checkpointable.
+  train_iter = pipeline.train_iterator(config.data, local_batch_size=local_batch,
+                                       seed=int(config.seed), process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  num_train = (len(pipeline.train_source(config.data))
+               if int(config.get('steps_per_epoch', -1)) <= 0 else None)
+  steps_per_epoch, epochs, total_steps = resolve_schedule(config, num_train, batch_size)
+  eval_every = _every(config, 'eval_every', steps_per_epoch)
+  ckpt_every = _every(config, 'ckpt_every', steps_per_epoch)
+  log(f'{num_train if num_train else "?"} training examples, {steps_per_epoch} steps/epoch, '
+      f'{epochs} epochs; training for {total_steps} steps (validation every {eval_every}, '
+      f'checkpoint every {ckpt_every})')
+
+  # Model and optimizer.
+  model = BiRefNet(config.model)
+  opt_cfg = config.optim.copy_and_resolve_references()
+  if opt_cfg.epochs is None:
+    opt_cfg.epochs = epochs
+  accum = int(opt_cfg.grad_accum_steps or 1)
+  tx, lr_schedule = optim.make_optimizer(opt_cfg, max(1, steps_per_epoch // accum))
+
+  rng = jax.random.key(int(config.seed))
+  init_rng, train_rng = jax.random.split(rng)
+  # Parameters do not depend on the input size: initialize on a small image.
+  dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+
+  def init_state(rng):
+    return TrainState.create(model.init({'params': rng}, dummy, train=False), tx)
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  state_sharding = sharding.state_shardings(mesh, abstract_state)
+  repl = sharding.replicated(mesh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+  log(f'model: {config.model.backbone.family} backbone, {n_params / 1e6:.2f} M parameters, '
+      f'compute dtype {config.model.get("dtype", "float32")}')
+
+  # Checkpoints: resume from the workdir when it has one.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     keep=int(config.keep_checkpoints),
+                                     best_metric=config.get('best_metric') or None,
+                                     best_mode=config.get('best_mode', 'max'))
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    state = ckpt.restore(start_step, checkpoint_lib.abstract_like(abstract_state, state_sharding),
+                         train_iter)
+    log(f'resumed from the checkpoint of step {start_step}')
+  elif config.get('init_from'):
+    random_vars = jax.device_get(jax.jit(
+        lambda r: model.init({'params': r}, dummy, train=False))(init_rng))
+    variables, _ = merge_pretrained(random_vars, load_pretrained_variables(config.init_from),
+                                    config.init_from)
+    state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=state_sharding)(variables)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  start_step = int(start_step or 0)
+
+  # The compiled steps. The state is donated: updated in place on the devices.
+  train_step = jax.jit(
+      make_train_step(model, tx, lr_schedule, base_rng=train_rng,
+                      deterministic=bool(config.get('deterministic', False)),
+                      use_class_labels=bool(config.model.auxiliary_classification),
+                      grad_accum_steps=accum),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  predict = jax.jit(make_predict_fn(model),
+                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                    out_shardings=repl)
+  accumulate = jax.jit(lambda acc, m: jax.tree.map(jnp.add, acc, m))
+
+  writer = MetricsWriter(workdir)
+  preempted = checkpoint_lib.PreemptionFlag()
+  batch_keys = ('image', 'mask', 'class_label')
+
+  def run_validation(step):
+    t0 = time.time()
+    results, panels = evaluate(predict, state, config, mesh,
+                               num_samples=int(config.get('num_sample_images', 0)))
+    results = jax.tree.map(float, results)
+    writer.write(step, 'val', dict(results, eval_seconds=time.time() - t0))
+    writer.images(step, 'val_samples', panels)
+    shown = ', '.join(f'{k} {v:.4f}' for k, v in results.items()
+                      if k.split('/')[-1] in ('Sm', 'MAE', 'maxFm', 'wFm', 'meanEm', 'HCE'))
+    log(f'validation at step {step} ({time.time() - t0:.1f}s): {shown}')
+    # The checkpoint ranks by the best_metric of the first validation set (scored on process 0;
+    # every process needs it, the ranking must agree).
+    best = config.get('best_metric')
+    if not best:
+      return {}
+    first_set = str(config.data.val_sets).split(',')[0].strip()
+    value = np.float32(results.get(f'{first_set}/{best}', np.nan))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      value = multihost_utils.broadcast_one_to_all(value)
+    return {best: float(value)}
+
+  # The loop. Host syncs only at log / validation / checkpoint steps.
+  lambdas_host, lambdas_dev = None, None
+  metric_sum, metric_count = None, 0
+  timer_step, timer_t = start_step, time.time()
+  last_val = None
+  log_every = int(config.log_every)
+  step = start_step
+  for step in range(start_step + 1, total_steps + 1):
+    lambdas = loss_lambdas(config, step - 1, steps_per_epoch, epochs)
+    if lambdas != lambdas_host:   # changes once per finetune epoch: a tiny transfer
+      lambdas_host = lambdas
+      lambdas_dev = sharding.put_replicated({k: np.float32(v) for k, v in lambdas.items()}, mesh)
+    local = next(train_iter)
+    batch = sharding.global_batch({k: local[k] for k in batch_keys if k in local},
+                                  sharding.batch_sharding(mesh))
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = train_step(state, batch, lambdas_dev)
+    metric_sum = metrics if metric_sum is None else accumulate(metric_sum, metrics)
+    metric_count += 1
+
+    if step == start_step + 1:
+      jax.block_until_ready(metrics)   # compile time does not belong in steps/s
+      log(f'step {step}: first step done (compilation included) in {time.time() - timer_t:.1f}s')
+      timer_step, timer_t = step, time.time()
+
+    is_last = step == total_steps
+    if step % log_every == 0 or is_last or preempted.is_set():
+      values = {k: float(v) / metric_count for k, v in jax.device_get(metric_sum).items()}
+      values['lr'] = float(jax.device_get(metrics['lr']))
+      metric_sum, metric_count = None, 0
+      now = time.time()
+      steps_per_sec = (step - timer_step) / max(now - timer_t, 1e-9) if step > timer_step else 0.0
+      timer_step, timer_t = step, now
+      values.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * batch_size,
+                    epoch=step / steps_per_epoch)
+      writer.write(step, 'train', values)
+      eta = (total_steps - step) / steps_per_sec if steps_per_sec else float('nan')
+      log(f'step {step}/{total_steps} | loss {values["loss"]:.4f} (pix {values["loss_pix"]:.4f}, '
+          f'gdt {values["loss_gdt"]:.4f}) | lr {values["lr"]:.3g} | {steps_per_sec:.2f} steps/s, '
+          f'{steps_per_sec * batch_size:.1f} img/s | ETA {_duration(eta)}')
+
+    validated = None   # the ranking metric of this step's validation, if one ran
+    if (eval_every > 0 and step % eval_every == 0) or (is_last and config.get('eval_at_end', True)):
+      validated = run_validation(step)
+      last_val = validated
+    if ((ckpt_every > 0 and step % ckpt_every == 0) or validated is not None or is_last
+        or preempted.is_set()):
+      ckpt.save(step, state, train_iter, metrics=validated or None,
+                meta=dict(total_steps=total_steps))
+    if preempted.is_set():
+      log(f'stopping at step {step} after SIGTERM (checkpoint saved)')
+      break
+
+  ckpt.close()
+  writer.close()
+  preempted.restore_handlers()
+  return dict(step=step, last_validation=last_val)
+
+
+def _every(config, name: str, steps_per_epoch: int) -> int:
+  """``config.<name>_epochs`` x steps_per_epoch when > 0, else ``config.<name>`` (steps; <= 0: never)."""
+  epochs = float(config.get(f'{name}_epochs', -1) or -1)
+  if epochs > 0:
+    return max(1, int(round(epochs * steps_per_epoch)))
+  return int(config.get(name, -1))
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
