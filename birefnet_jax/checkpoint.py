@@ -123,18 +123,31 @@ def abstract_like(state, shardings=None):
 
 
 class PreemptionFlag:
-  """Turns SIGTERM (what schedulers send before killing a job) into a flag the loop polls.
+  """Turns SIGTERM (what schedulers send before killing a job) into a stop the loop polls.
 
-  The loop then saves a checkpoint at the current step and exits cleanly; a second SIGTERM
-  falls back to the previous handler. Only installable from the main thread.
+  The loop then saves a checkpoint at the current step and exits cleanly. Single process: a
+  Python handler sets a flag; a second SIGTERM falls back to the previous handler (handlers are
+  only installable from the main thread). Several processes: all of them must save (orbax saves
+  are collective) and stop at the *same* step, though each host gets its signal at a different
+  step, or only some hosts get one. jax.distributed's preemption service (its own SIGTERM
+  handler, installed by ``jax.distributed.initialize``) agrees on that step; no Python handler
+  is installed then, as it would replace jax's.
   """
 
   def __init__(self, signals=(signal.SIGTERM,)):
     self._event = threading.Event()
     self._previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
+    self._agreed = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    if not self._agreed and threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after ``step``: call it once per step, on every process."""
+    if self._agreed:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._event.is_set()
 
   def _handle(self, signum, frame):
     del frame

@@ -96,3 +96,24 @@ def put_replicated(tree, mesh: Mesh):
   """Host values -> arrays replicated on every device of the mesh (same value on every process)."""
   sharding = replicated(mesh)
   return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+
+_BARRIERS = {'count': 0}
+
+
+def compile_everywhere(jitted, *args, timeout_s: int = 3600):
+  """Multi-process runs: compiles ``jitted`` for ``args``, then waits until all processes have.
+
+  Without it a process that loads the program from the persistent compilation cache (only
+  process 0 writes there, keys differ per process) runs ahead into the program's first
+  collective and waits there while the others compile; CPU collectives (gloo) give up after
+  30 s. The compiled program stays cached: calling ``jitted`` with such args does not compile
+  again. A no-op for a single process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  jitted.lower(*args).compile()
+  _BARRIERS['count'] += 1   # every process calls this in the same order: same barrier names
+  distributed.global_state.client.wait_at_barrier(
+      f'birefnet_compiled_{_BARRIERS["count"]}', timeout_in_ms=timeout_s * 1000)

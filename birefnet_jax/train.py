@@ -286,6 +286,7 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
   lo = jax.process_index() * local
   in_sharding = sharding.batch_sharding(mesh)
   results, panels = {}, []
+  compiled = False
   val_sets = pipeline.val_set_names(config.data)
   limit = int(config.get('max_eval_images', -1))
   for set_name in val_sets:
@@ -302,7 +303,11 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
       if len(chunk) < batch_size:   # pad the last batch; padded rows are dropped below
         pad = np.zeros((batch_size - len(chunk),) + images.shape[1:], images.dtype)
         images = np.concatenate([images, pad])
-      probs = predict(state, sharding.global_batch(images[lo:lo + local], in_sharding))
+      batch = sharding.global_batch(images[lo:lo + local], in_sharding)
+      if not compiled:   # processes start predicting together
+        sharding.compile_everywhere(predict, state, batch)
+        compiled = True
+      probs = predict(state, batch)
       if jax.process_index() != 0:
         continue
       probs = np.asarray(jax.device_get(probs))[:len(chunk)]
@@ -356,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   opt_cfg = config.optim.copy_and_resolve_references()
   if opt_cfg.epochs is None:
     opt_cfg.epochs = epochs
+  opt_cfg.global_batch_size = batch_size   # lr None -> the official formula on this batch
   accum = int(opt_cfg.grad_accum_steps or 1)
   tx, lr_schedule = optim.make_optimizer(opt_cfg, max(1, steps_per_epoch // accum))
 
@@ -448,10 +454,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local = next(train_iter)
     batch = sharding.global_batch({k: local[k] for k in batch_keys if k in local},
                                   sharding.batch_sharding(mesh))
+    if step == start_step + 1:   # processes start the first step together
+      sharding.compile_everywhere(train_step, state, batch, lambdas_dev)
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = train_step(state, batch, lambdas_dev)
     metric_sum = metrics if metric_sum is None else accumulate(metric_sum, metrics)
     metric_count += 1
+    stop = preempted.should_stop(step)   # on every process at the same step
 
     if step == start_step + 1:
       jax.block_until_ready(metrics)   # compile time does not belong in steps/s
@@ -459,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       timer_step, timer_t = step, time.time()
 
     is_last = step == total_steps
-    if step % log_every == 0 or is_last or preempted.is_set():
+    if step % log_every == 0 or is_last or stop:
       values = {k: float(v) / metric_count for k, v in jax.device_get(metric_sum).items()}
       values['lr'] = float(jax.device_get(metrics['lr']))
       metric_sum, metric_count = None, 0
@@ -479,10 +488,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       validated = run_validation(step)
       last_val = validated
     if ((ckpt_every > 0 and step % ckpt_every == 0) or validated is not None or is_last
-        or preempted.is_set()):
+        or stop):
       ckpt.save(step, state, train_iter, metrics=validated or None,
                 meta=dict(total_steps=total_steps))
-    if preempted.is_set():
+    if stop:
       log(f'stopping at step {step} after SIGTERM (checkpoint saved)')
       break
 

@@ -9,9 +9,10 @@ Official (config.py, train.py, train.sh of ZhengPeng7/BiRefNet; see docs §8):
   last 50 (validation is a separate script there).
 
 Choices of this port (documented where they differ):
-  - the lr formula uses the *per-device* batch (8), as the official one uses the per-GPU batch:
-    training on N devices keeps lr = 1.414e-4 (DIS5K) with an N x larger global batch, exactly as
-    the official DDP run does;
+  - lr = base * sqrt(global_batch / 4) on the *global* batch of the run (resolved at start-up:
+    1.414e-4 for DIS5K at batch 8). The official code applies the formula to the per-GPU batch,
+    so its N-GPU runs keep 1.414e-4 with an N x larger batch: pass --config.optim.lr=1.414e-4
+    to reproduce that;
   - BatchNorm sees the global batch (XLA reduces across devices); official DDP has per-GPU BN;
   - validation runs inside the training job every 5 epochs (official: offline after training),
     and checkpoints keep the latest 2 plus the best by S-measure on the first validation set.
@@ -42,7 +43,9 @@ def recipe(task: str, *, backbone: str = 'swin_v1_l', image_size=(1024, 1024), e
   config.data = data_config(task=task, image_size=tuple(image_size))
 
   config.optim = optim.optimizer_config(
-      task=task, lr=optim.official_learning_rate(task, BATCH_PER_DEVICE), epochs=epochs)
+      task=task, lr=None, epochs=epochs)
+  # None: the official formula on the global batch; a float type so --config.optim.lr=X works.
+  config.optim.lr = ml_collections.config_dict.placeholder(float)
 
   config.loss_task = task                    # which official loss lambdas (General: + MAE x100)
   config.finetune_last_epochs = losses.finetune_last_epochs(task)   # negative: last N epochs

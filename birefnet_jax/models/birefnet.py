@@ -62,19 +62,28 @@ def image_to_patches(images, size, order: str = 'current'):
   return x.reshape(b, h, w, c * gh * gw)
 
 
-def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb'):
+def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb', remat: bool = False):
   if bb.family == 'swin':
     return SwinTransformer(embed_dim=bb.embed_dim, depths=tuple(bb.depths),
                            num_heads=tuple(bb.num_heads), window_size=bb.window_size,
                            mlp_ratio=bb.mlp_ratio, patch_size=bb.patch_size,
-                           drop_path_rate=bb.drop_path_rate, dtype=dtype, name=name)
+                           drop_path_rate=bb.drop_path_rate, dtype=dtype, remat=remat,
+                           name=name)
   if bb.family == 'pvt_v2':
     return PyramidVisionTransformerImpr(embed_dims=tuple(bb.embed_dims),
                                         num_heads=tuple(bb.num_heads),
                                         mlp_ratios=tuple(bb.mlp_ratios), depths=tuple(bb.depths),
                                         sr_ratios=tuple(bb.sr_ratios),
-                                        drop_path_rate=bb.drop_path_rate, dtype=dtype, name=name)
+                                        drop_path_rate=bb.drop_path_rate, dtype=dtype,
+                                        remat=remat, name=name)
   raise ValueError(f'unknown backbone family {bb.family!r} (expected swin or pvt_v2)')
+
+
+def decoder_block_class(cfg):
+  """BasicDecBlk, rematerialized in the backward pass when ``cfg.remat``."""
+  if cfg.get('remat', False):
+    return nn.remat(BasicDecBlk, static_argnums=(2, 3))   # (x, train, deterministic)
+  return BasicDecBlk
 
 
 def encoder_channels(cfg) -> tuple[int, int, int, int]:
@@ -121,10 +130,11 @@ class Decoder(nn.Module):
 
   def _dec_block(self, name, out_channels, x, train, deterministic):
     cfg = self.cfg
-    return BasicDecBlk(out_channels=out_channels, inter_channels=cfg.dec_inter_channels,
-                       planes=cfg.aspp_planes, batch_norm=cfg.batch_norm,
-                       dropout_rate=cfg.dropout_rate, dtype=self.dtype,
-                       name=name)(x, train=train, deterministic=deterministic)
+    block = decoder_block_class(cfg)
+    return block(out_channels=out_channels, inter_channels=cfg.dec_inter_channels,
+                 planes=cfg.aspp_planes, batch_norm=cfg.batch_norm,
+                 dropout_rate=cfg.dropout_rate, dtype=self.dtype,
+                 name=name)(x, train, deterministic)
 
   def _gradient_attention(self, level, p, train):
     """OutRef at one level: returns (p * attention, gradient prediction logits)."""
@@ -219,7 +229,7 @@ class BiRefNet(nn.Module):
     if height % 32 or width % 32:
       raise ValueError(f'BiRefNet needs height and width that are multiples of 32, got {height}x{width}')
     x = images if dtype is None else images.astype(dtype)
-    backbone = build_backbone(cfg.backbone, dtype)
+    backbone = build_backbone(cfg.backbone, dtype, remat=cfg.get('remat', False))
 
     # Encoder: full resolution, then the half-resolution pyramid pass.
     features = list(backbone(x, deterministic=deterministic))
@@ -244,10 +254,11 @@ class BiRefNet(nn.Module):
       context = [resize(f, x4.shape[1:3]) for f in (x1, x2, x3)][-cfg.cxt_num:]
       x4 = jnp.concatenate(context + [x4], -1)
     for i in range(cfg.squeeze_blocks):
-      x4 = BasicDecBlk(out_channels=encoder_channels(cfg)[3], inter_channels=cfg.dec_inter_channels,
-                       planes=cfg.aspp_planes, batch_norm=cfg.batch_norm,
-                       dropout_rate=cfg.dropout_rate, dtype=dtype,
-                       name=f'squeeze_module_{i}')(x4, train=train, deterministic=deterministic)
+      block = decoder_block_class(cfg)
+      x4 = block(out_channels=encoder_channels(cfg)[3], inter_channels=cfg.dec_inter_channels,
+                 planes=cfg.aspp_planes, batch_norm=cfg.batch_norm,
+                 dropout_rate=cfg.dropout_rate, dtype=dtype,
+                 name=f'squeeze_module_{i}')(x4, train, deterministic)
 
     gdt_gt = None
     if train and cfg.ms_supervision and cfg.out_ref:

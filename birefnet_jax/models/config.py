@@ -76,6 +76,7 @@ def model_config(backbone: str = 'swin_v1_l', **overrides) -> ml_collections.Con
       num_classes=NUM_DIS_CLASSES,
       dropout_rate=0.5,           # Dropout after the ASPPDeformable projection (training only)
       dtype='float32',            # compute dtype; parameters stay float32
+      remat=False,                # recompute backbone and decoder blocks in the backward pass
   ))
   cfg.update(overrides)
   return cfg

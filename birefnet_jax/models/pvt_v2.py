@@ -145,6 +145,7 @@ class PyramidVisionTransformerImpr(nn.Module):
   sr_ratios: Sequence[int]
   drop_path_rate: float = 0.1
   dtype: Any = None
+  remat: bool = False   # rematerialize every block in the backward pass (saves memory)
 
   def _check(self, x):
     n = {len(self.embed_dims), len(self.num_heads), len(self.mlp_ratios), len(self.depths),
@@ -168,13 +169,14 @@ class PyramidVisionTransformerImpr(nn.Module):
     self._check(x)
     # Stochastic depth grows linearly over all blocks (np.linspace, as the official code).
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     outs = []
     for s in range(4):
       kernel_size, stride = (7, 4) if s == 0 else (3, 2)
       x = OverlapPatchEmbed(self.embed_dims[s], kernel_size, stride, dtype=self.dtype,
                             name=f'patch_embed{s + 1}')(x)
       for i in range(self.depths[s]):
-        x = Block(self.embed_dims[s], self.num_heads[s], self.mlp_ratios[s], self.sr_ratios[s],
+        x = block(self.embed_dims[s], self.num_heads[s], self.mlp_ratios[s], self.sr_ratios[s],
                   drop_path_rate=rates[sum(self.depths[:s]) + i], dtype=self.dtype,
                   name=f'block{s + 1}_{i}')(x, deterministic)
       x = layers.layer_norm(BLOCK_NORM_EPS, dtype=self.dtype, name=f'norm{s + 1}')(x)

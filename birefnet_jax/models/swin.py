@@ -202,15 +202,18 @@ class SwinStage(nn.Module):
   drop_path_rates: Sequence[float]
   downsample: bool
   dtype: Any = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     _, h, w, _ = x.shape
+    # remat: recompute each block in the backward pass instead of storing its activations.
+    block = nn.remat(SwinBlock, static_argnums=(3,)) if self.remat else SwinBlock
     win = self.window_size
     # Built on the padded size, with no clamping of the window for small maps.
     mask = shifted_window_mask(-(-h // win) * win, -(-w // win) * win, win)
     for m in range(self.depth):
-      x = SwinBlock(self.dim, self.num_heads, win, shifted=(m % 2 == 1),
+      x = block(self.dim, self.num_heads, win, shifted=(m % 2 == 1),
                     mlp_ratio=self.mlp_ratio, drop_path_rate=float(self.drop_path_rates[m]),
                     dtype=self.dtype, name=f'blocks_{m}')(x, mask, deterministic)
     if not self.downsample:
@@ -249,6 +252,7 @@ class SwinTransformer(nn.Module):
   patch_size: int = 4
   drop_path_rate: float = 0.2
   dtype: Any = None
+  remat: bool = False   # rematerialize every block in the backward pass (saves memory)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -272,6 +276,6 @@ class SwinTransformer(nn.Module):
       stage_out, x = SwinStage(dim, self.depths[s], self.num_heads[s], self.window_size,
                                self.mlp_ratio, rates[first:first + self.depths[s]],
                                downsample=s < num_stages - 1, dtype=self.dtype,
-                               name=f'layers_{s}')(x, deterministic)
+                               remat=self.remat, name=f'layers_{s}')(x, deterministic)
       outs.append(layer_norm(name=f'norm{s}')(stage_out))
     return tuple(outs)
