@@ -380,7 +380,7 @@ def total_loss(outs: Mapping, gt, class_labels=None, lambdas: Optional[Mapping[s
   terms['loss_cls'] = loss_cls
 
   loss = loss_pix + loss_cls
-  if outs.get('gdt_preds') is not None:
+  if outs.get('gdt_preds'):   # OutRef off: no gradient predictions, no gradient loss
     loss_gdt, gdt_terms = gdt_loss(outs['gdt_preds'], outs['gdt_labels'])
     terms.update(gdt_terms)
     loss = loss + loss_gdt * GDT_LAMBDA

@@ -1,9 +1,10 @@
 """grain input pipelines: the training iterator and the evaluation examples.
 
 Training (per process):
-  MapDataset.range(N).seed(seed).shuffle()[process_index::process_count].repeat(None)
+  MapDataset.range(N).seed(seed).shuffle().repeat(None)
     .map(LoadExample)        decode + resize to image_size with cv2 INTER_LINEAR (official order)
     .random_map(Augment)     official flip / rotate / enhance / pepper with grain's rng
+    [process_index::process_count]   this process's share of the global stream
     .map(ToModelInputs)      ImageNet normalization, mask to [0, 1]
     .batch(b, drop_remainder=True).to_iter_dataset().mp_prefetch(workers)
 The shuffle is reseeded every epoch by repeat(); every process uses the same permutation and
@@ -189,11 +190,14 @@ def train_dataset(cfg, *, local_batch_size, seed, process_index=0, process_count
     raise ValueError(f'{source!r} has {len(source)} examples: {per_process} per process, fewer '
                      f'than the local batch size {local_batch_size}')
   load_size = None if cfg.dynamic_size is not None else tuple(cfg.image_size)
-  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle()
-  ds = ds[process_index::process_count].repeat(None)
+  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map(LoadExample(source, load_size, cfg.on_bad_file, cfg.mask_size_mismatch))
   if cfg.augment:
     ds = ds.random_map(Augment(cfg.augmentations, load_size))
+  # Shard after the random map (the maps are lazy: a process only loads its own examples), so an
+  # example's augmentation draws follow its index in the global stream: the same global batches
+  # whatever the number of processes, and no two processes repeat each other's draws.
+  ds = ds[process_index::process_count]
   if cfg.dynamic_size is None:
     ds = ds.map(ToModelInputs()).batch(local_batch_size, drop_remainder=True)
   else:
