@@ -194,7 +194,7 @@ def load_converted(directory: str):
   config_path = os.path.join(directory, CONFIG_FILE)
   if os.path.exists(os.path.join(directory, 'BACKBONE_ONLY')):
     raise ValueError(f'{directory} holds only backbone weights (from an ImageNet checkpoint): use '
-                     'it to initialize training (config.init_backbone_from), not for inference')
+                     'it to initialize training (config.init_from), not for inference')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{directory}: no {CONFIG_FILE}; not a converted BiRefNet checkpoint '
                             '(make one with tools/convert_torch_weights.py)')
