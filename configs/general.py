@@ -1,20 +1,11 @@
-"""Official BiRefNet recipe for the General task (see configs/common.py).
+"""Official BiRefNet recipe for the General task (see birefnet_jax/recipes.py).
 
   python -m birefnet_jax.main --config configs/general.py --workdir W --config.data.root=DATA \
       [--config.init_from=CONVERTED_SWIN_L_IMAGENET] [--config.total_steps=N]
 """
 
-import importlib.util
-import os
-
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py')
-  spec = importlib.util.spec_from_file_location('birefnet_configs_common', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from birefnet_jax import recipes
 
 
 def get_config(arg=None):
-  return _common().recipe('General', arg=arg)
+  return recipes.recipe('General', arg=arg)

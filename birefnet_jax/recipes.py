@@ -1,4 +1,4 @@
-"""The official training recipe, shared by the task configs (dis.py, hrsod.py, cod.py, general.py).
+"""The official training recipe shared by configs/dis.py, hrsod.py, cod.py and general.py.
 
 Official (config.py, train.py, train.sh of ZhengPeng7/BiRefNet; see docs §8):
   Swin-L backbone (ImageNet-initialized), 1024x1024, batch 8 per GPU (drop_last), AdamW
