@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from birefnet_jax import image_io
-from birefnet_jax.models.resize import source_indices
+from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 
 DEFAULT_RESOLUTION = '1024x1024'
 DTYPES = ('float32', 'bfloat16')
@@ -78,25 +78,6 @@ def model_input_size(image_hw, resolution_hw):
 # ---------------------------------------------------------------------------------------------
 # Postprocessing (host side, numpy).
 
-def _resize_axis_align_corners(x, axis, out_size):
-  """One axis of torch's align-corners bilinear, with ``resize.source_indices``'s coordinates
-  and the float32 arithmetic of ``resize_bilinear_align_corners``, ``(1 - lam) * x0 + lam * x1``
-  (bit-identical to it run op by op; in place to spare memory on large outputs)."""
-  in_size = x.shape[axis]
-  if in_size == out_size:
-    return x
-  i0, i1, lam = source_indices(in_size, out_size, np.float32)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  lam = lam.reshape(shape)
-  out = np.take(x, i0, axis=axis)
-  out *= 1 - lam
-  upper = np.take(x, i1, axis=axis)
-  upper *= lam
-  out += upper
-  return out
-
-
 def probabilities_to_mask(probabilities, size_hw):
   """(h, w) float32 probabilities -> (H, W) uint8 mask: align-corners bilinear to ``size_hw``
   (width first, then height, as torch), then x255 truncated (torch's ``mul(255).byte()``).
@@ -104,10 +85,8 @@ def probabilities_to_mask(probabilities, size_hw):
   Done on the host: output sizes vary from image to image, and a jitted resize would compile
   once per distinct original size.
   """
-  p = np.asarray(probabilities, np.float32)
-  p = _resize_axis_align_corners(p, 1, int(size_hw[1]))
-  p = _resize_axis_align_corners(p, 0, int(size_hw[0]))
-  return (p * np.float32(255)).astype(np.uint8)  # in [0, 255]: the cast truncates
+  p = resize_bilinear_align_corners_np(np.asarray(probabilities, np.float32), size_hw)
+  return (np.clip(p, 0, 1) * np.float32(255)).astype(np.uint8)  # the cast truncates
 
 
 def _blur_fusion(image, foreground, background, alpha, r):

@@ -27,10 +27,10 @@ import numpy as np
 from birefnet_jax import checkpoint as checkpoint_lib
 from birefnet_jax import losses
 from birefnet_jax import optim
+from birefnet_jax import predict as predict_lib
 from birefnet_jax import sharding
 from birefnet_jax.convert import names
 from birefnet_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
-from birefnet_jax.models.resize import source_indices
 from birefnet_jax.train_state import TrainState
 
 
@@ -123,28 +123,6 @@ def load_pretrained_variables(path: str):
     return variables
   _, variables = convert_lib.load_converted(path)
   return variables
-
-
-def resize_align_corners_np(prob: np.ndarray, size) -> np.ndarray:
-  """(h, w) float32 -> ``size``: torch's align_corners bilinear (W first, then H), on the host.
-
-  Same arithmetic as ``models.resize`` (which it borrows the indices from), in numpy so that the
-  many different GT sizes of a validation set do not each compile a device program.
-  """
-  out_h, out_w = size
-  x = prob.astype(np.float32)
-  if x.shape[1] != out_w:
-    i0, i1, lam = source_indices(x.shape[1], out_w, np.float32)
-    x = (1 - lam)[None, :] * x[:, i0] + lam[None, :] * x[:, i1]
-  if x.shape[0] != out_h:
-    i0, i1, lam = source_indices(x.shape[0], out_h, np.float32)
-    x = (1 - lam)[:, None] * x[i0, :] + lam[:, None] * x[i1, :]
-  return x
-
-
-def to_uint8(prob: np.ndarray) -> np.ndarray:
-  """Official ``mul(255).byte()``: truncation, not rounding."""
-  return (np.clip(prob, 0, 1) * 255).astype(np.uint8)
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -313,7 +291,7 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
       probs = np.asarray(jax.device_get(probs))[:len(chunk)]
       for prob, example in zip(probs, chunk):
         gt = example['mask_uint8']
-        pred = to_uint8(resize_align_corners_np(prob, gt.shape))
+        pred = predict_lib.probabilities_to_mask(prob, gt.shape)
         accumulator.update(pred, gt, name=example.get('name'))
         if len(panels) < num_samples and set_name == val_sets[0]:
           panels.append(sample_panel(example['image'], gt, pred))

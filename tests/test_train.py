@@ -113,13 +113,15 @@ def test_finetune_lambdas_follow_the_step():
 
 def test_resize_to_gt_matches_the_device_resize():
   import jax.numpy as jnp
-  from birefnet_jax import train
-  from birefnet_jax.models.resize import resize_bilinear_align_corners
+  from birefnet_jax import predict
+  from birefnet_jax.models.resize import (resize_bilinear_align_corners,
+                                          resize_bilinear_align_corners_np)
   prob = np.random.default_rng(0).uniform(size=(32, 48)).astype(np.float32)
   for size in ((75, 41), (32, 48), (16, 100)):
     want = np.asarray(resize_bilinear_align_corners(jnp.asarray(prob)[None, :, :, None], size))
-    np.testing.assert_allclose(train.resize_align_corners_np(prob, size), want[0, :, :, 0],
+    np.testing.assert_allclose(resize_bilinear_align_corners_np(prob, size), want[0, :, :, 0],
                                rtol=0, atol=1e-6)
   # Truncation, not rounding (official mul(255).byte()).
-  np.testing.assert_array_equal(train.to_uint8(np.float32([0.999, 0.5, 0.0039, 1.0])),
-                                [254, 127, 0, 255])
+  np.testing.assert_array_equal(
+      predict.probabilities_to_mask(np.float32([[0.999, 0.5, 0.0039, 1.0]]), (1, 4)),
+      [[254, 127, 0, 255]])

@@ -52,3 +52,30 @@ def resize_bilinear_align_corners(x, size):
   out_h, out_w = int(size[0]), int(size[1])
   x = _resize_axis(x, 2, out_w)
   return _resize_axis(x, 1, out_h)
+
+
+def _resize_axis_np(x, axis: int, out_size: int):
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  i0, i1, lam = source_indices(in_size, out_size, x.dtype)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  lam = lam.reshape(shape)
+  out = np.take(x, i0, axis=axis)
+  out *= 1 - lam                      # in place: outputs can be large (original image sizes)
+  upper = np.take(x, i1, axis=axis)
+  upper *= lam
+  out += upper
+  return out
+
+
+def resize_bilinear_align_corners_np(x, size):
+  """The same resize on the host, in numpy, for ``x`` of shape (H, W, ...): bit-identical to
+  :func:`resize_bilinear_align_corners` run op by op. For outputs whose sizes vary from image
+  to image (original image or GT sizes), where a jitted resize would compile once per size."""
+  x = np.asarray(x)
+  if x.dtype not in (np.float32, np.float64):
+    x = x.astype(np.float32)
+  x = _resize_axis_np(x, 1, int(size[1]))
+  return _resize_axis_np(x, 0, int(size[0]))
