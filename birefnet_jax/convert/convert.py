@@ -92,10 +92,10 @@ def convert_state_dict(state_dict, *, inref_order: str = 'current', source: str 
   """Full official BiRefNet state dict -> (model config, {'params', 'batch_stats'} of numpy)."""
   state_dict = {names.strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
   cfg = infer.infer_model_config(state_dict, inref_order=inref_order, pvt_heads=pvt_heads)
-  expected = names.flatten(jax.tree.map(lambda a: a, abstract_variables(cfg)))
+  expected = names.flatten(abstract_variables(cfg))
   flat, _ = map_state_dict(state_dict, expected, source=source)
   _check_relative_position_index(state_dict, cfg, source)
-  variables = names.nest({k: v for k, v in flat.items()})
+  variables = names.nest(flat)
   variables.setdefault('batch_stats', {})
   return cfg, variables
 
