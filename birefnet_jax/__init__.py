@@ -1,6 +1,11 @@
 """BiRefNet in JAX/Flax."""
 
+from birefnet_jax import xla_workarounds as _xla_workarounds
+
 __version__ = '0.1.0'
+
+# Before any JAX computation: XLA reads its flags once (see xla_workarounds: GPU scatter-adds).
+_xla_workarounds.enable_native_gpu_atomics()
 
 
 def load_converted(directory):

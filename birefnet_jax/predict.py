@@ -2,7 +2,8 @@ r"""Predicts masks for image files (and optionally RGBA cut-outs), as the offici
 
   python -m birefnet_jax.predict --checkpoint DST --input PATH [PATH ...] --output DIR \
       [--resolution 1024x1024|WxH|original] [--batch_size 4] [--dtype float32|bfloat16] \
-      [--cutout [--refine_foreground]] [--overwrite | --skip_existing]
+      [--attention einsum|xla|cudnn] [--cutout [--refine_foreground]] \
+      [--overwrite | --skip_existing]
 
 DST: a converter output (``model_config.json`` + ``variables/``) or a training workdir.
 PATH: image files or folders (searched recursively). For an input ``PATH/sub/x.jpg`` the mask is
@@ -47,6 +48,7 @@ from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 
 DEFAULT_RESOLUTION = '1024x1024'
 DTYPES = ('float32', 'bfloat16')
+ATTENTIONS = ('einsum', 'xla', 'cudnn')   # Swin window attention (models/swin.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,14 +127,22 @@ def cutout(image, mask, refine: bool = False):
 # ---------------------------------------------------------------------------------------------
 # The model.
 
-def with_compute_dtype(model, dtype: Optional[str]):
-  """The same model computing in ``dtype`` ('float32' or 'bfloat16'; parameters stay float32)."""
-  if dtype is None or dtype == model.cfg.get('dtype', 'float32'):
+def with_compute_dtype(model, dtype: Optional[str], attention: Optional[str] = None):
+  """The same model computing in ``dtype`` ('float32' or 'bfloat16'; parameters stay float32),
+  with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as configured)."""
+  changes = {}
+  if dtype is not None and dtype != model.cfg.get('dtype', 'float32'):
+    if dtype not in DTYPES:
+      raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
+    changes['dtype'] = dtype
+  if attention is not None and attention != model.cfg.get('attention', 'einsum'):
+    if attention not in ATTENTIONS:
+      raise ValueError(f'attention must be one of {ATTENTIONS}, got {attention!r}')
+    changes['attention'] = attention
+  if not changes:
     return model
-  if dtype not in DTYPES:
-    raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
   cfg = model.cfg.copy_and_resolve_references()
-  cfg.dtype = dtype
+  cfg.update(changes)
   return type(model)(cfg)
 
 
@@ -209,10 +219,10 @@ class Predictor:
   """
 
   def __init__(self, model, variables, *, resolution=DEFAULT_RESOLUTION, batch_size: int = 1,
-               dtype: Optional[str] = None):
+               dtype: Optional[str] = None, attention: Optional[str] = None):
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    self.model = with_compute_dtype(model, dtype)
+    self.model = with_compute_dtype(model, dtype, attention)
     self.variables = jax.device_put(variables)
     self.resolution = (parse_resolution(resolution) if isinstance(resolution, str) or
                        resolution is None else tuple(resolution))
@@ -421,6 +431,9 @@ def parse_args(argv):
   parser.add_argument('--batch_size', type=int, default=1)
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='compute dtype (parameters stay float32)')
+  parser.add_argument('--attention', choices=ATTENTIONS, default=None,
+                      help="Swin window attention: einsum (default), xla, or cudnn (cuDNN's fused "
+                           'kernel; GPU with --dtype bfloat16)')
   parser.add_argument('--cutout', action='store_true',
                       help='also write RGBA cut-outs (the image with the mask as alpha)')
   parser.add_argument('--cutout_dir', default=None,
@@ -481,7 +494,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   predictor = Predictor(model, variables, resolution=args.resolution_hw,
-                        batch_size=args.batch_size, dtype=args.dtype)
+                        batch_size=args.batch_size, dtype=args.dtype, attention=args.attention)
   start = time.perf_counter()
   written, skipped = predict_files(predictor, plan, refine=args.refine_foreground,
                                    workers=max(1, args.workers))

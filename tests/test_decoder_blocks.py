@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from birefnet_jax.convert import names
+from torch_reference import deform_conv2d
 from birefnet_jax.models.aspp import ASPPDeformable
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
 
@@ -85,24 +86,6 @@ def test_without_batch_norm_no_bn_variables(fixture):
 
 # ------------------------------------------------- independent PyTorch statement of the block
 
-def torch_deform_conv(x, offset, mask, weight, pad):
-  """DCNv2 via grid_sample: bilinear with zeros outside, align_corners=True pixel coordinates."""
-  b, _, h, w = x.shape
-  o, _, k, _ = weight.shape
-  ys = torch.arange(h, dtype=x.dtype).view(1, h, 1)
-  xs = torch.arange(w, dtype=x.dtype).view(1, 1, w)
-  out = torch.zeros(b, o, h, w, dtype=x.dtype)
-  for i in range(k):
-    for j in range(k):
-      t = i * k + j
-      y = ys - pad + i + offset[:, 2 * t]
-      xx = xs - pad + j + offset[:, 2 * t + 1]
-      grid = torch.stack([2 * xx / (w - 1) - 1, 2 * y / (h - 1) - 1], dim=-1)
-      sample = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
-      out += torch.einsum('bchw,oc->bohw', sample * mask[:, t:t + 1], weight[:, :, i, j])
-  return out
-
-
 def torch_block(sd, x, train):
   """BasicDecBlk forward (official structure) from a state dict of float64 tensors, NCHW."""
   def bn(prefix, v):
@@ -117,7 +100,7 @@ def torch_block(sd, x, train):
     offset = F.conv2d(v, sd[p + 'offset_conv.weight'], sd[p + 'offset_conv.bias'], padding=k // 2)
     mask = 2 * torch.sigmoid(F.conv2d(v, sd[p + 'modulator_conv.weight'],
                                       sd[p + 'modulator_conv.bias'], padding=k // 2))
-    v = torch_deform_conv(v, offset, mask, sd[p + 'regular_conv.weight'], k // 2)
+    v = deform_conv2d(v, offset, sd[p + 'regular_conv.weight'], padding=k // 2, mask=mask)
     return F.relu(bn(prefix + '.bn', v))
 
   v = F.relu(bn('bn_in', F.conv2d(x, sd['conv_in.weight'], sd['conv_in.bias'], padding=1)))

@@ -101,6 +101,22 @@ def test_matches_numpy_reference(x64, case):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize('case', CASES)
+def test_torch_statement_matches_numpy_reference(case):
+  """tests/torch_reference.py (the torch DCN used by the decoder-block test and the benchmarks)
+  agrees with the numpy reference on every case, asymmetric stride/dilation included."""
+  torch = pytest.importorskip('torch')
+  from torch_reference import deform_conv2d  # pylint: disable=import-outside-toplevel
+  b, h, w, c, o, k, padding, stride, dilation, scale = case
+  x, offset, mask, kernel = random_case(sum(case[:6]), b, h, w, c, o, k, padding, stride,
+                                        dilation, scale)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2))))
+  got = deform_conv2d(nchw(x), nchw(offset), torch.from_numpy(np.transpose(kernel, (3, 2, 0, 1))),
+                      stride=stride, padding=padding, dilation=dilation, mask=nchw(mask))
+  want = deform_conv_reference(x, offset, mask, kernel, padding, stride, dilation)
+  np.testing.assert_allclose(np.transpose(got.numpy(), (0, 2, 3, 1)), want, rtol=0, atol=1e-12)
+
+
 def test_samples_on_and_beyond_the_border(x64):
   """Integer and half-integer sample points at -1, -0.5, 0, H-1, H-0.5, H (and beyond)."""
   rng = np.random.default_rng(3)

@@ -310,6 +310,20 @@ def test_bfloat16_computes_in_bfloat16_with_float32_weights(model_and_variables)
   assert lowered.out_info.dtype == np.float32
 
 
+def test_fused_attention_path_gives_the_same_masks(model_and_variables):
+  """--attention xla runs Swin's window attention through jax.nn.dot_product_attention (the
+  path of cuDNN's fused kernel on GPU): same masks as the default einsums."""
+  model, variables = model_and_variables
+  images = [_smooth_image(64, 96, 3), _smooth_image(48, 40, 4)]
+  fused = predict.Predictor(model, variables, resolution='64x64', attention='xla')
+  assert fused.model.cfg.attention == 'xla' and model.cfg.get('attention', 'einsum') == 'einsum'
+  plain = predict.Predictor(model, variables, resolution='64x64')
+  for a, b in zip(fused.predict(images), plain.predict(images)):
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+  with pytest.raises(ValueError, match='attention must be one of'):
+    predict.Predictor(model, variables, attention='flash')
+
+
 def test_loads_a_training_workdir(model_and_variables, converted, tmp_path):
   import optax
   from birefnet_jax.checkpoint import Checkpointer

@@ -65,10 +65,14 @@ def test_relative_position_index_matches_checkpoint(variant):
     np.testing.assert_array_equal(expected, buffer, err_msg=key)
 
 
-def test_outputs_match_official_float32(variant):
+@pytest.mark.parametrize('attention', ['einsum', 'xla'])
+def test_outputs_match_official_float32(variant, attention):
+  """Both window-attention paths: our einsums, and jax.nn.dot_product_attention (the path that
+  runs cuDNN's fused kernel with attention='cudnn' on GPU) with its bias and mask layout."""
   name, kwargs, variables, io, _ = variant
   tol = json.loads((REFERENCE / 'tolerances.json').read_text())['variants'][name]['arrays']
-  outs = jax.jit(SwinTransformer(**kwargs).apply)(variables, jnp.asarray(nhwc(io['input'])))
+  model = SwinTransformer(**kwargs, attention=attention)
+  outs = jax.jit(model.apply)(variables, jnp.asarray(nhwc(io['input'])))
   assert len(outs) == 4
   for i, out in enumerate(outs, start=1):
     ref = nhwc(io[f'eval_bb_x{i}'])
@@ -91,6 +95,12 @@ def test_outputs_match_official_float64(variant):
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, nhwc(ref[f'eval_bb_x{i}']), rtol=0,
                                atol=tol[f'eval_bb_x{i}'], err_msg=f'{name} x{i}')
+
+
+def test_unknown_attention_is_refused():
+  model, variables = tiny_model_and_variables(attention='flash')
+  with pytest.raises(ValueError, match="attention must be one of .*'flash'"):
+    model.apply(variables, jnp.zeros((1, 64, 64, 3)))
 
 
 def tiny_model_and_variables(**overrides):

@@ -55,30 +55,18 @@ def jax_timings(x, offset, mask, kernel, probe, pad, repeats):
       conv_fwd_bwd=median_ms(lambda: plain_grad(x, kernel), repeats))
 
 
-def torch_deform_conv(x, offset, mask, weight, pad):
-  """Pure-torch DCNv2, NCHW: one bilinear grid_sample (zeros outside) per tap."""
-  import torch
-  import torch.nn.functional as F
-  b, _, h, w = x.shape
-  k = weight.shape[-1]
-  ys = torch.arange(h, dtype=x.dtype).view(1, h, 1)
-  xs = torch.arange(w, dtype=x.dtype).view(1, 1, w)
-  out = 0
-  for i in range(k):
-    for j in range(k):
-      t = i * k + j
-      y = ys - pad + i + offset[:, 2 * t]
-      xx = xs - pad + j + offset[:, 2 * t + 1]
-      grid = torch.stack([2 * xx / (w - 1) - 1, 2 * y / (h - 1) - 1], dim=-1)
-      sample = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
-      out = out + torch.einsum('bchw,oc->bohw', sample * mask[:, t:t + 1], weight[:, :, i, j])
-  return out
+def torch_reference_deform_conv():
+  """tests/torch_reference.py's deform_conv2d (torchvision's signature, pure torch)."""
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
+  from torch_reference import deform_conv2d  # pylint: disable=import-outside-toplevel
+  return deform_conv2d
 
 
 def torch_timings(x, offset, mask, kernel, pad, repeats):
   import torch
   label = 'pure torch (grid_sample per tap)'
-  op = lambda *a: torch_deform_conv(*a, pad)
+  reference = torch_reference_deform_conv()
+  op = lambda x, o, m, w: reference(x, o, w, padding=pad, mask=m)
   try:
     from torchvision.ops import deform_conv2d
     probe = torch.zeros(1, 1, 3, 3)

@@ -5,6 +5,9 @@
   python tools/bench_model.py --preset=swin_v1_l --sizes=1024 --max_batch_search --remat
   python tools/bench_model.py --preset=swin_v1_t --sizes=1024 --batch_sizes=2 \
       --torch-official=/path/to/BiRefNet          # a checkout the user provides
+  python tools/bench_model.py --preset=swin_v1_l --sizes=1024 --batch_sizes=8 --dtypes=bfloat16 \
+      --attention=einsum,cudnn                    # Swin window attention: ours vs cuDNN's fused
+  BIREFNET_XLA_WORKAROUNDS=0 python tools/bench_model.py ...  # without the GPU scatter-add fix
   python tools/bench_model.py --preset=tiny --sizes=128 --batch_sizes=2 --repeats=3   # CPU
 
 Every figure is per call of a jitted function on fixed random inputs: warm-up calls (which include
@@ -20,11 +23,11 @@ Other columns: FLOPs of the compiled program (XLA cost analysis) and MFU against
 device's peak bytes in use (GPU/TPU only; a process-wide high-water mark, so run one config per
 process for a clean per-config figure).
 
-``--remat`` rematerializes every backbone block (Swin blocks / PVT blocks) in the backward pass.
-The model has no switch for it yet, so the tool swaps the block classes for ``nn.remat`` versions
-while it traces the train step (parameter names are unchanged); ``--remat_policy`` picks what
-may still be saved. ``--max_batch_search`` (GPU/TPU) finds the largest train batch that fits, by
-doubling then bisection, with and without remat. For the most memory, start with
+``--remat`` also times the train step with the model's remat switch on (``model.remat``: every
+backbone block and decoder block recomputed in the backward pass); ``--remat_policy`` picks what
+may still be saved (``model.remat_policy``, a ``jax.checkpoint_policies`` name).
+``--max_batch_search`` (GPU/TPU) finds the largest train batch that fits, by doubling then
+bisection, with and without remat. For the most memory, start with
 ``XLA_PYTHON_CLIENT_MEM_FRACTION=.95`` (the tool sets that default for the search).
 
 ``--torch-official DIR`` also times the official PyTorch model built from DIR (random weights,
@@ -52,7 +55,6 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,7 @@ import optax
 
 from birefnet_jax import losses, optim
 from birefnet_jax.models import config as config_lib
+from birefnet_jax.models.layers import checkpoint_policy
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +78,8 @@ OFFICIAL_DEPENDENCIES = ('torchvision', 'timm', 'kornia', 'einops', 'huggingface
 
 TABLE_COLUMNS = (
     ('impl', 'impl', '{}'), ('mode', 'mode', '{}'), ('size', 'size', '{}'), ('batch', 'B', '{}'),
-    ('dtype', 'dtype', '{}'), ('remat', 'remat', '{}'), ('median_ms', 'ms', '{:.1f}'),
+    ('dtype', 'dtype', '{}'), ('attention', 'attn', '{}'), ('remat', 'remat', '{}'),
+    ('median_ms', 'ms', '{:.1f}'),
     ('images_per_s', 'img/s', '{:.2f}'), ('compile_s', 'compile s', '{:.1f}'),
     ('gflops', 'GFLOP', '{:.1f}'), ('tflops_per_s', 'TFLOP/s', '{:.3g}'), ('mfu', 'MFU', '{:.1%}'),
     ('compiled_mem_gib', 'XLA mem GiB', '{:.2f}'), ('peak_mem_gib', 'peak GiB', '{:.2f}'),
@@ -95,10 +99,13 @@ def tiny_model_config(dtype='float32'):
   return cfg
 
 
-def make_model_config(preset, dtype):
-  if preset == 'tiny':
-    return tiny_model_config(dtype)
-  return config_lib.model_config(preset, dtype=dtype)
+def make_model_config(preset, dtype, remat=False, remat_policy='', attention='einsum'):
+  cfg = (tiny_model_config(dtype) if preset == 'tiny'
+         else config_lib.model_config(preset, dtype=dtype))
+  cfg.remat = bool(remat)
+  cfg.remat_policy = remat_policy if remat else ''
+  cfg.attention = attention
+  return cfg
 
 
 def parse_size(text):
@@ -134,10 +141,13 @@ def build_parser():
   p.add_argument('--warmup', type=int, default=2, help='untimed calls per row (the first '
                  'compiles)')
   p.add_argument('--remat', action='store_true', help='also time the train step with the '
-                 'backbone blocks rematerialized')
-  p.add_argument('--remat_policy', default='nothing_saveable',
-                 help='a jax.checkpoint_policies name (nothing_saveable, dots_saveable, '
-                 'dots_with_no_batch_dims_saveable, ...)')
+                 'backbone and decoder blocks rematerialized (model.remat)')
+  p.add_argument('--remat_policy', default='',
+                 help="what remat may still save: a jax.checkpoint_policies name (default '': "
+                 'nothing; dots_saveable, dots_with_no_batch_dims_saveable, ...)')
+  p.add_argument('--attention', default='einsum',
+                 help="comma list of Swin window-attention paths: einsum (default), xla "
+                 "(jax.nn.dot_product_attention), cudnn (its fused cuDNN kernel; GPU, bf16/fp16)")
   p.add_argument('--peak_tflops', type=float, default=None,
                  help='device peak for MFU; default from the device kind (H100/H200: 989 bf16, '
                  '494 tf32; A100: 312 / 156); none on CPU')
@@ -164,7 +174,7 @@ def build_parser():
 def device_info():
   dev = jax.devices()[0]
   return dict(platform=dev.platform, device_kind=dev.device_kind, device_count=jax.device_count(),
-              jax_version=jax.__version__)
+              jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
 def default_peak_tflops(device_kind, dtype):
@@ -241,53 +251,18 @@ def is_oom(error):
 
 
 # ----------------------------------------------------------------------------------------------
-# Remat of the backbone blocks
-
-
-def _block_classes():
-  """(module, attribute name, static argnums of __call__ counting self) of each backbone block."""
-  from birefnet_jax.models import pvt_v2, swin  # pylint: disable=import-outside-toplevel
-  return [(swin, 'SwinBlock', (3,)),       # SwinBlock(x, shift_mask, deterministic)
-          (pvt_v2, 'Block', (2,))]         # Block(x, deterministic)
-
-
-@contextlib.contextmanager
-def remat_backbone_blocks(policy_name='nothing_saveable', cfg=None):
-  """While active, backbone blocks built by the model are ``nn.remat`` versions.
-
-  Uses the model's own switch when its config has one (``cfg.remat``); otherwise swaps the block
-  classes in their modules. Only tracing needs the swap: jit caches the traced program.
-  """
-  if cfg is not None and 'remat' in cfg:
-    yield 'model switch'
-    return
-  policy = getattr(jax.checkpoint_policies, policy_name, None)
-  if policy is None:
-    raise SystemExit(f'bench_model: unknown --remat_policy {policy_name!r}')
-  saved = []
-  try:
-    for module, name, static in _block_classes():
-      original = getattr(module, name)
-      saved.append((module, name, original))
-      setattr(module, name, nn.remat(original, static_argnums=static, policy=policy))
-    yield 'block swap'
-  finally:
-    for module, name, original in saved:
-      setattr(module, name, original)
-
-
-# ----------------------------------------------------------------------------------------------
 # JAX rows
 
 
-def _time_calls(call, warmup, repeats):
-  """Median, min and all seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+def _time_calls(call, warmup, repeats, wait=jax.block_until_ready):
+  """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones; ``wait(call())`` ends
+  a call (it blocks until the device is done)."""
   for _ in range(warmup):
-    jax.block_until_ready(call())
+    wait(call())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(call())
+    wait(call())
     times.append(time.perf_counter() - start)
   return times
 
@@ -360,11 +335,13 @@ def _finish_row(row, times, flops, mem, peak_tflops):
   return row
 
 
-def bench_jax(args, cfg, mode, size, batch, dtype, remat=False, peak_tflops=None):
-  """One row: 'infer' or 'train' for (size, batch, dtype); errors become the row's status."""
+def bench_jax(args, cfg, mode, size, batch, peak_tflops=None):
+  """One row: 'infer' or 'train' of the model ``cfg`` (its dtype, its remat) for (size, batch);
+  errors become the row's status."""
   from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=import-outside-toplevel
   row = dict(impl='jax', preset=args.preset, mode=mode, size=f'{size[0]}x{size[1]}', batch=batch,
-             dtype=dtype, remat=('-' if mode == 'infer' else bool(remat)), status='ok')
+             dtype=cfg.dtype, remat=('-' if mode == 'infer' else bool(cfg.remat)),
+             remat_policy=cfg.remat_policy or 'nothing', attention=cfg.attention, status='ok')
   try:
     model = BiRefNet(cfg)
     images, masks = _random_batch(size, batch, args.seed)
@@ -383,9 +360,7 @@ def bench_jax(args, cfg, mode, size, batch, dtype, remat=False, peak_tflops=None
       del variables
       step = make_train_step(model, tx)
       rng = jax.random.PRNGKey(args.seed + 1)
-      ctx = remat_backbone_blocks(args.remat_policy, cfg) if remat else contextlib.nullcontext()
-      with ctx:
-        lowered = step.lower(state, images, masks, rng)
+      lowered = step.lower(state, images, masks, rng)
       compiled = compile_lowered(lowered, args)
       holder = [state]
 
@@ -409,7 +384,7 @@ def bench_jax(args, cfg, mode, size, batch, dtype, remat=False, peak_tflops=None
     gc.collect()
 
 
-def _try_train_batch(args, cfg, size, batch, remat, bytes_limit):
+def _try_train_batch(args, cfg, size, batch, bytes_limit):
   """True if one train step of ``batch`` compiles, fits and runs."""
   from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=import-outside-toplevel
   try:
@@ -423,9 +398,7 @@ def _try_train_batch(args, cfg, size, batch, remat, bytes_limit):
     del variables
     step = make_train_step(model, tx)
     rng = jax.random.PRNGKey(args.seed)
-    ctx = remat_backbone_blocks(args.remat_policy, cfg) if remat else contextlib.nullcontext()
-    with ctx:
-      compiled = compile_lowered(step.lower(state, images, masks, rng), args)
+    compiled = compile_lowered(step.lower(state, images, masks, rng), args)
     _, mem = compiled_costs(compiled)
     if mem is not None and bytes_limit and mem > bytes_limit:
       return False  # does not fit by XLA's own estimate: skip running it
@@ -441,14 +414,15 @@ def _try_train_batch(args, cfg, size, batch, remat, bytes_limit):
     gc.collect()
 
 
-def max_batch_search(args, cfg, size, remat):
-  """Largest train batch that fits: doubling from 1, then bisection. Returns a dict."""
+def max_batch_search(args, cfg, size):
+  """Largest train batch of the model ``cfg`` that fits: doubling from 1, then bisection."""
+  remat = bool(cfg.remat)
   bytes_limit = device_bytes_limit()
   good, bad = 0, None
   batch = 1
   tried = []
   while batch <= args.max_batch_limit:
-    ok = _try_train_batch(args, cfg, size, batch, remat, bytes_limit)
+    ok = _try_train_batch(args, cfg, size, batch, bytes_limit)
     tried.append((batch, ok))
     print(f'  max batch search (remat={remat}): batch {batch}: {"fits" if ok else "OOM"}',
           flush=True)
@@ -459,7 +433,7 @@ def max_batch_search(args, cfg, size, remat):
     batch *= 2
   while bad is not None and bad - good > 1:
     mid = (good + bad) // 2
-    ok = _try_train_batch(args, cfg, size, mid, remat, bytes_limit)
+    ok = _try_train_batch(args, cfg, size, mid, bytes_limit)
     tried.append((mid, ok))
     print(f'  max batch search (remat={remat}): batch {mid}: {"fits" if ok else "OOM"}',
           flush=True)
@@ -647,21 +621,13 @@ def _bench_torch_one(torch, device, birefnet_cls, loss_module, row, size, batch,
     call = (lambda step=call: step(images, gts))
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
+  wait = lambda out: _torch_sync(torch, device)
   start = time.perf_counter()
-  call()  # the first call compiles under torch.compile
-  _torch_sync(torch, device)
+  wait(call())  # the first call compiles under torch.compile
   row['compile_s'] = time.perf_counter() - start
-  for _ in range(max(args.warmup - 1, 0)):
-    call()
-  _torch_sync(torch, device)
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    out = call()
-    _torch_sync(torch, device)
-    times.append(time.perf_counter() - start)
+  times = _time_calls(call, max(args.warmup - 1, 0), args.repeats, wait)
   if mode == 'train':
-    row['loss'] = float(out)
+    row['loss'] = float(call())
   median = statistics.median(times)
   row.update(median_ms=median * 1e3, min_ms=min(times) * 1e3, images_per_s=batch / median)
   if device.type == 'cuda':
@@ -771,6 +737,10 @@ def main(argv=None):
   batches = [int(b) for b in csv(args.batch_sizes)]
   dtypes = csv(args.dtypes)
   modes = csv(args.modes)
+  attentions = csv(args.attention)
+  for a in attentions:
+    if a not in ('einsum', 'xla', 'cudnn'):
+      raise SystemExit(f'bench_model: unknown attention {a!r} in --attention (einsum, xla, cudnn)')
   for d in dtypes:
     if d not in ('float32', 'bfloat16', 'float16'):
       raise SystemExit(f'bench_model: unknown dtype {d!r} in --dtypes')
@@ -779,6 +749,10 @@ def main(argv=None):
       raise SystemExit(f'bench_model: unknown mode {m!r} in --modes (infer, train)')
   if args.preset != 'tiny':
     config_lib.backbone_config(args.preset)  # fails early on an unknown preset
+  try:
+    checkpoint_policy(args.remat_policy)
+  except ValueError as e:
+    raise SystemExit(f'bench_model: --remat_policy: {e}') from None
   if args.max_batch_search:
     # Before JAX starts its backend: let the search use nearly all of the device memory.
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
@@ -808,13 +782,15 @@ def main(argv=None):
   for size in sizes:
     for batch in batches:
       for dtype in dtypes:
-        cfg = make_model_config(args.preset, dtype)
-        for mode in modes:
-          for remat in ((False, True) if mode == 'train' and args.remat else (False,)):
-            row = bench_jax(args, cfg, mode, size, batch, dtype, remat, peak_for(dtype))
-            rows.append(row)
-            print(f"  {row['impl']} {mode} {row['size']} B={batch} {dtype} remat={row['remat']}: "
-                  f"{row.get('median_ms', float('nan')):.1f} ms ({row['status']})", flush=True)
+        for attention in attentions:
+          for mode in modes:
+            for remat in ((False, True) if mode == 'train' and args.remat else (False,)):
+              cfg = make_model_config(args.preset, dtype, remat, args.remat_policy, attention)
+              row = bench_jax(args, cfg, mode, size, batch, peak_for(dtype))
+              rows.append(row)
+              print(f"  {row['impl']} {mode} {row['size']} B={batch} {dtype} {attention} "
+                    f"remat={row['remat']}: {row.get('median_ms', float('nan')):.1f} ms "
+                    f"({row['status']})", flush=True)
   rows.extend(torch_rows)
   _attach_torch_flops(rows, peak_for)
 
@@ -831,13 +807,15 @@ def main(argv=None):
     else:
       for size in sizes:
         for dtype in dtypes:
-          cfg = make_model_config(args.preset, dtype)
           for remat in (False, True):
-            max_batch.append(max_batch_search(args, cfg, size, remat))
+            cfg = make_model_config(args.preset, dtype, remat, args.remat_policy, attentions[0])
+            max_batch.append(max_batch_search(args, cfg, size))
 
   print()
   print(f"BiRefNet {args.preset} on {info['device_kind']} ({info['platform']}), jax "
         f"{info['jax_version']}; median of {args.repeats} calls after {args.warmup} warm-up")
+  if info['xla_flags']:
+    print(f"XLA_FLAGS={info['xla_flags']}")
   print(format_table(rows))
   for r in max_batch:
     print(f"max train batch {r['preset']} {r['size']} {r['dtype']} remat={r['remat']}: "

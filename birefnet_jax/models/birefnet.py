@@ -23,7 +23,7 @@ import ml_collections
 from birefnet_jax import losses
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
-from birefnet_jax.models.layers import BatchNorm, conv
+from birefnet_jax.models.layers import BatchNorm, conv, remat_if
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
 from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
 from birefnet_jax.models.swin import SwinTransformer
@@ -62,28 +62,32 @@ def image_to_patches(images, size, order: str = 'current'):
   return x.reshape(b, h, w, c * gh * gw)
 
 
-def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb', remat: bool = False):
+def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb', remat: bool = False,
+                   remat_policy: str = '', attention: str = 'einsum'):
   if bb.family == 'swin':
     return SwinTransformer(embed_dim=bb.embed_dim, depths=tuple(bb.depths),
                            num_heads=tuple(bb.num_heads), window_size=bb.window_size,
                            mlp_ratio=bb.mlp_ratio, patch_size=bb.patch_size,
                            drop_path_rate=bb.drop_path_rate, dtype=dtype, remat=remat,
-                           name=name)
+                           remat_policy=remat_policy, attention=attention, name=name)
   if bb.family == 'pvt_v2':
+    if attention != 'einsum':
+      raise ValueError(f"model.attention={attention!r} applies to Swin's window attention only; "
+                       "PVTv2 backbones take 'einsum'")
     return PyramidVisionTransformerImpr(embed_dims=tuple(bb.embed_dims),
                                         num_heads=tuple(bb.num_heads),
                                         mlp_ratios=tuple(bb.mlp_ratios), depths=tuple(bb.depths),
                                         sr_ratios=tuple(bb.sr_ratios),
                                         drop_path_rate=bb.drop_path_rate, dtype=dtype,
-                                        remat=remat, name=name)
+                                        remat=remat, remat_policy=remat_policy,
+                                        name=name)
   raise ValueError(f'unknown backbone family {bb.family!r} (expected swin or pvt_v2)')
 
 
 def decoder_block_class(cfg):
   """BasicDecBlk, rematerialized in the backward pass when ``cfg.remat``."""
-  if cfg.get('remat', False):
-    return nn.remat(BasicDecBlk, static_argnums=(2, 3))   # (x, train, deterministic)
-  return BasicDecBlk
+  # BasicDecBlk(x, train, deterministic): both flags are static.
+  return remat_if(BasicDecBlk, cfg.get('remat', False), (2, 3), cfg.get('remat_policy', ''))
 
 
 def encoder_channels(cfg) -> tuple[int, int, int, int]:
@@ -229,7 +233,9 @@ class BiRefNet(nn.Module):
     if height % 32 or width % 32:
       raise ValueError(f'BiRefNet needs height and width that are multiples of 32, got {height}x{width}')
     x = images if dtype is None else images.astype(dtype)
-    backbone = build_backbone(cfg.backbone, dtype, remat=cfg.get('remat', False))
+    backbone = build_backbone(cfg.backbone, dtype, remat=cfg.get('remat', False),
+                              remat_policy=cfg.get('remat_policy', ''),
+                              attention=cfg.get('attention', 'einsum'))
 
     # Encoder: full resolution, then the half-resolution pyramid pass.
     features = list(backbone(x, deterministic=deterministic))

@@ -77,6 +77,8 @@ def model_config(backbone: str = 'swin_v1_l', **overrides) -> ml_collections.Con
       dropout_rate=0.5,           # Dropout after the ASPPDeformable projection (training only)
       dtype='float32',            # compute dtype; parameters stay float32
       remat=False,                # recompute backbone and decoder blocks in the backward pass
+      remat_policy='',            # what remat may still save ('' nothing; 'dots_saveable', ...)
+      attention='einsum',         # Swin window attention: 'einsum', 'xla' or 'cudnn' (fused, GPU)
   ))
   cfg.update(overrides)
   return cfg

@@ -13,6 +13,33 @@ import jax
 import jax.numpy as jnp
 
 
+def remat_if(module_class, enabled: bool, static_argnums: tuple[int, ...], policy: str = ''):
+  """``module_class`` rematerialized in the backward pass when ``enabled``, else itself.
+
+  ``static_argnums`` count ``self`` as 0 (flax's convention for ``nn.remat``). ``policy`` names
+  what may still be saved, a ``jax.checkpoint_policies`` attribute ('dots_saveable', ...);
+  '' saves nothing (everything inside the block is recomputed).
+  """
+  if not enabled:
+    return module_class
+  return nn.remat(module_class, static_argnums=static_argnums, policy=checkpoint_policy(policy))
+
+
+def checkpoint_policy(name: str):
+  """The ``jax.checkpoint_policies`` entry called ``name`` ('' or None: save nothing)."""
+  if not name:
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or name.startswith('_'):
+    known = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith('_'))
+    raise ValueError(f'unknown remat policy {name!r}; jax.checkpoint_policies has {known}')
+  if name in ('save_only_these_names', 'save_any_names_but_these', 'save_from_both_policies',
+              'save_and_offload_only_these_names'):
+    raise ValueError(f'remat policy {name!r} needs arguments; give a plain policy name such as '
+                     "'dots_saveable' or 'nothing_saveable'")
+  return policy
+
+
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
          use_bias: bool = True, groups: int = 1, dtype: Any = None, name: str | None = None):
   """A ``torch.nn.Conv2d`` in NHWC with torch's explicit symmetric zero padding (never 'SAME')."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from birefnet_jax.models import layers
-from birefnet_jax.models.layers import DropPath
+from birefnet_jax.models.layers import DropPath, remat_if
 
 # LayerNorm eps of the official code: the blocks and stage outputs use the pvt_v2_b* presets'
 # partial(nn.LayerNorm, eps=1e-6); the patch embeddings and the sr norm are plain nn.LayerNorm.
@@ -146,6 +146,7 @@ class PyramidVisionTransformerImpr(nn.Module):
   drop_path_rate: float = 0.1
   dtype: Any = None
   remat: bool = False   # rematerialize every block in the backward pass (saves memory)
+  remat_policy: str = ''  # what remat may still save: a jax.checkpoint_policies name
 
   def _check(self, x):
     n = {len(self.embed_dims), len(self.num_heads), len(self.mlp_ratios), len(self.depths),
@@ -169,7 +170,7 @@ class PyramidVisionTransformerImpr(nn.Module):
     self._check(x)
     # Stochastic depth grows linearly over all blocks (np.linspace, as the official code).
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
-    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    block = remat_if(Block, self.remat, (2,), self.remat_policy)   # Block(x, deterministic)
     outs = []
     for s in range(4):
       kernel_size, stride = (7, 4) if s == 0 else (3, 2)

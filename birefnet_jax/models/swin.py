@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from birefnet_jax.models.layers import DropPath, conv, gelu, layer_norm
+from birefnet_jax.models.layers import DropPath, conv, gelu, layer_norm, remat_if
 
 
 def relative_position_index(window_size: int) -> np.ndarray:
@@ -77,15 +77,24 @@ def window_reverse(windows, window_size: int, padded_h: int, padded_w: int):
   return x.reshape(b, padded_h, padded_w, c)
 
 
+ATTENTION_IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn')
+
+
 class WindowAttention(nn.Module):
   """Multi-head self-attention inside each window, with the relative position bias.
 
-  Input (B, nW, N, C) with N = w*w; all windows of all images in one batched einsum.
+  Input (B, nW, N, C) with N = w*w; all windows of all images in one batched computation.
+  ``attention`` picks how: 'einsum' (two einsums around a float32 softmax; the reference, and
+  the default), or ``jax.nn.dot_product_attention`` with ``implementation`` 'xla' or 'cudnn'
+  (cuDNN's fused attention: GPU only, bfloat16/float16 compute only). The fused kernels take one
+  additive bias per (window, head): the relative position bias plus, in shifted blocks, the
+  window's mask, broadcast over the batch.
   """
   dim: int
   num_heads: int
   window_size: int
   dtype: Any = None
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, windows, mask=None):
@@ -100,19 +109,34 @@ class WindowAttention(nn.Module):
     qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name='qkv')(windows)
     qkv = qkv.reshape(b, nw, n, 3, heads, head_dim)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-
-    # Logits and softmax in at least float32 (float64 stays float64).
-    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k, preferred_element_type=logits_dtype)
-    logits = logits * jnp.asarray(head_dim ** -0.5, logits_dtype)
     index = relative_position_index(w).reshape(-1)
     bias = table[index].reshape(n, n, heads).transpose(2, 0, 1)  # (heads, N, N)
-    logits = logits + bias.astype(logits_dtype)
-    if mask is not None:  # (nW, N, N), shared by all images and heads
-      logits = logits + jnp.asarray(mask, logits_dtype)[None, :, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
 
-    out = jnp.einsum('bwhqk,bwkhd->bwqhd', probs, v).reshape(b, nw, n, c)
+    if self.attention == 'einsum':
+      # Logits and softmax in at least float32 (float64 stays float64).
+      logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+      logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k, preferred_element_type=logits_dtype)
+      logits = logits * jnp.asarray(head_dim ** -0.5, logits_dtype)
+      logits = logits + bias.astype(logits_dtype)
+      if mask is not None:  # (nW, N, N), shared by all images and heads
+        logits = logits + jnp.asarray(mask, logits_dtype)[None, :, None]
+      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      out = jnp.einsum('bwhqk,bwkhd->bwqhd', probs, v)
+    elif self.attention in ('xla', 'cudnn'):
+      bias = bias[None]                                            # (1, heads, N, N)
+      if mask is not None:                                         # (B*nW, heads, N, N)
+        bias = bias[None] + jnp.asarray(mask, bias.dtype)[None, :, None]
+        bias = jnp.broadcast_to(bias, (b, nw, heads, n, n)).reshape(b * nw, heads, n, n)
+      flat = lambda t: t.reshape(b * nw, n, heads, head_dim)     # (batch, tokens, heads, dim)
+      if self.attention == 'cudnn':
+        bias = bias.astype(q.dtype)   # cuDNN takes the bias in the compute dtype
+      out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), bias,
+                                         scale=head_dim ** -0.5,
+                                         implementation=self.attention)
+    else:
+      raise ValueError(f'WindowAttention: attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                       f'got {self.attention!r}')
+    out = out.reshape(b, nw, n, c)
     return nn.Dense(self.dim, dtype=self.dtype, name='proj')(out)
 
 
@@ -138,6 +162,7 @@ class SwinBlock(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   dtype: Any = None
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, shift_mask, deterministic: bool = True):
@@ -156,8 +181,8 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
     y = window_partition(y, win)
-    y = WindowAttention(self.dim, self.num_heads, win, dtype=self.dtype, name='attn')(
-        y, shift_mask if shift else None)
+    y = WindowAttention(self.dim, self.num_heads, win, dtype=self.dtype,
+                        attention=self.attention, name='attn')(y, shift_mask if shift else None)
     y = window_reverse(y, win, hp, wp)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
@@ -203,19 +228,23 @@ class SwinStage(nn.Module):
   downsample: bool
   dtype: Any = None
   remat: bool = False
+  remat_policy: str = ''
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     _, h, w, _ = x.shape
     # remat: recompute each block in the backward pass instead of storing its activations.
-    block = nn.remat(SwinBlock, static_argnums=(3,)) if self.remat else SwinBlock
+    # SwinBlock(x, shift_mask, deterministic): deterministic (argnum 3 with self) is static.
+    block = remat_if(SwinBlock, self.remat, (3,), self.remat_policy)
     win = self.window_size
     # Built on the padded size, with no clamping of the window for small maps.
     mask = shifted_window_mask(-(-h // win) * win, -(-w // win) * win, win)
     for m in range(self.depth):
       x = block(self.dim, self.num_heads, win, shifted=(m % 2 == 1),
                     mlp_ratio=self.mlp_ratio, drop_path_rate=float(self.drop_path_rates[m]),
-                    dtype=self.dtype, name=f'blocks_{m}')(x, mask, deterministic)
+                    dtype=self.dtype, attention=self.attention,
+                    name=f'blocks_{m}')(x, mask, deterministic)
     if not self.downsample:
       return x, None
     down = PatchMerging(self.dim, dtype=self.dtype, name='downsample')(x)
@@ -253,6 +282,8 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.2
   dtype: Any = None
   remat: bool = False   # rematerialize every block in the backward pass (saves memory)
+  remat_policy: str = ''  # what remat may still save: a jax.checkpoint_policies name
+  attention: str = 'einsum'  # window attention: 'einsum', 'xla' or 'cudnn' (WindowAttention)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -276,6 +307,7 @@ class SwinTransformer(nn.Module):
       stage_out, x = SwinStage(dim, self.depths[s], self.num_heads[s], self.window_size,
                                self.mlp_ratio, rates[first:first + self.depths[s]],
                                downsample=s < num_stages - 1, dtype=self.dtype,
-                               remat=self.remat, name=f'layers_{s}')(x, deterministic)
+                               remat=self.remat, remat_policy=self.remat_policy,
+                               attention=self.attention, name=f'layers_{s}')(x, deterministic)
       outs.append(layer_norm(name=f'norm{s}')(stage_out))
     return tuple(outs)
