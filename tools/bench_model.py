@@ -32,10 +32,14 @@ bisection, with and without remat. For the most memory, start with
 
 ``--torch-official DIR`` also times the official PyTorch model built from DIR (random weights,
 same preset, resolution and batch): eager and ``torch.compile``, inference and a train step
-(official losses, AdamW), under bf16/fp16 autocast on CUDA (fp32 on CPU). The official code needs
-torchvision, timm, kornia, einops and huggingface_hub; what is missing is reported and the JAX
-rows still run. The tool never fetches that code. ``tools/bench_deform_conv.py`` rows are
-included when that script exposes ``benchmark_rows()``.
+(official losses, AdamW), under bf16/fp16 autocast on CUDA (fp32 on CPU), with TF32 float32
+matmuls as the official scripts set (``precisionHigh``). Each ``torch.compile`` row starts from a
+fresh dynamo cache; its "compile s" is the first call (for eager rows, just the first call).
+Train rows at batch 1 are skipped: the official ``Config.batch_size`` (8) puts a BatchNorm2d on
+the 1x1 ASPP pool, which torch cannot train on one image. The official code needs torchvision
+(with its compiled ops), timm, kornia, einops and huggingface_hub; what is missing is reported
+and the JAX rows still run. The tool never fetches that code. ``tools/bench_deform_conv.py`` rows
+are included when that script exposes ``benchmark_rows()``.
 """
 
 import argparse
@@ -74,7 +78,13 @@ PEAK_TFLOPS = {
     'a100': {'bfloat16': 312.0, 'float16': 312.0, 'float32': 156.0},
 }
 
-OFFICIAL_DEPENDENCIES = ('torchvision', 'timm', 'kornia', 'einops', 'huggingface_hub', 'cv2')
+# What the official model code uses at import, as (module, attribute): importing a package alone
+# can succeed lazily and fail later (huggingface_hub without its http client, torchvision whose
+# compiled ops do not load).
+OFFICIAL_DEPENDENCIES = (('torchvision.ops', 'deform_conv2d'), ('torchvision.models', 'vgg16'),
+                         ('timm.layers', 'DropPath'), ('kornia.filters', 'laplacian'),
+                         ('einops', 'rearrange'), ('huggingface_hub', 'PyTorchModelHubMixin'),
+                         ('cv2', None))
 
 TABLE_COLUMNS = (
     ('impl', 'impl', '{}'), ('mode', 'mode', '{}'), ('size', 'size', '{}'), ('batch', 'B', '{}'),
@@ -479,11 +489,14 @@ def load_official(official_dir, preset):
   except ImportError as e:
     raise OfficialUnavailable(f'PyTorch is not installed ({e})') from None
   missing = []
-  for name in OFFICIAL_DEPENDENCIES:
+  for module_name, attribute in OFFICIAL_DEPENDENCIES:
+    name = module_name + (f'.{attribute}' if attribute else '')
     try:
-      importlib.import_module(name)
+      module = importlib.import_module(module_name)
+      if attribute:
+        getattr(module, attribute)
     except Exception as e:  # pylint: disable=broad-except
-      missing.append(f'{name} ({type(e).__name__}: {str(e).splitlines()[0][:160]})')
+      missing.append(f'{name} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})')
   if missing:
     raise OfficialUnavailable('the official code needs packages that are missing or do not load: '
                               + '; '.join(missing))
@@ -563,6 +576,9 @@ def bench_torch_rows(args, sizes, batches, dtypes, modes):
     return [dict(impl='torch-official', preset=args.preset, status=f'skipped: {e}')]
   import torch  # pylint: disable=import-outside-toplevel
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  # As the official train.py / inference.py (precisionHigh): TF32 matmuls in float32, like
+  # JAX's default precision on GPU.
+  torch.set_float32_matmul_precision('high')
   torch_modes = csv(args.torch_modes)
   for size in sizes:
     for batch in batches:
@@ -575,6 +591,12 @@ def bench_torch_rows(args, sizes, batches, dtypes, modes):
             rows.append(row)
             if device.type == 'cpu' and dtype != 'float32':
               row['status'] = 'skipped: autocast only timed on CUDA (CPU: float32)'
+              continue
+            if mode == 'train' and batch == 1:
+              # Config.batch_size (8) decides at import whether the official decoder has
+              # BatchNorm; torch cannot train BatchNorm2d on the 1x1 ASPP pool of one image.
+              row['status'] = ('skipped: the official BatchNorm2d on the 1x1 ASPP pool cannot '
+                               'train on one image')
               continue
             try:
               _bench_torch_one(torch, device, birefnet_cls, loss_module, row, size, batch, dtype,
@@ -604,7 +626,13 @@ def _bench_torch_one(torch, device, birefnet_cls, loss_module, row, size, batch,
   gen = torch.Generator().manual_seed(args.seed)
   images = torch.randn(batch, 3, *size, generator=gen).to(device)
   gts = (torch.rand(batch, 1, *size, generator=gen) > 0.5).float().to(device)
-  net = torch.compile(model) if torch_mode == 'compile' else model
+  if torch_mode == 'compile':
+    # A fresh dynamo cache per row: otherwise rows of other shapes/modes recompile into one cache
+    # (dynamic shapes after the first change; eager fallback after 8 recompiles).
+    torch._dynamo.reset()  # pylint: disable=protected-access
+    net = torch.compile(model)
+  else:
+    net = model
   if mode == 'infer':
     model.eval()
 
@@ -621,13 +649,18 @@ def _bench_torch_one(torch, device, birefnet_cls, loss_module, row, size, batch,
     call = (lambda step=call: step(images, gts))
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-  wait = lambda out: _torch_sync(torch, device)
+  last = {}
+
+  def wait(out):
+    last['out'] = out
+    _torch_sync(torch, device)
+
   start = time.perf_counter()
-  wait(call())  # the first call compiles under torch.compile
+  wait(call())  # the first call compiles under torch.compile (eager: just the first call)
   row['compile_s'] = time.perf_counter() - start
   times = _time_calls(call, max(args.warmup - 1, 0), args.repeats, wait)
   if mode == 'train':
-    row['loss'] = float(call())
+    row['loss'] = float(last['out'].detach())
   median = statistics.median(times)
   row.update(median_ms=median * 1e3, min_ms=min(times) * 1e3, images_per_s=batch / median)
   if device.type == 'cuda':
