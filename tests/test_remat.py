@@ -20,7 +20,7 @@ def _grad_and_flops(model, params, x):
   # A fixed random projection of the outputs: sum(f ** 2) of LayerNorm'd stage outputs would be
   # constant in the parameters (a zero gradient, all rounding noise).
   probes = [jax.random.normal(jax.random.PRNGKey(i), f.shape)
-            for i, f in enumerate(model.apply(params, x))]
+            for i, f in enumerate(jax.eval_shape(model.apply, params, x))]
   loss = lambda p: sum(jnp.sum(f * r) for f, r in zip(model.apply(p, x), probes))
   compiled = jax.jit(jax.grad(loss)).lower(params).compile()
   return compiled(params), _flops(compiled)
@@ -39,7 +39,7 @@ BACKBONES = {
 def test_remat_recomputes_blocks_with_the_same_gradient(family, policy):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 3), dtype=np.float32))
   plain_model = BACKBONES[family]()
-  params = plain_model.init(jax.random.PRNGKey(0), x)
+  params = jax.jit(plain_model.init)(jax.random.PRNGKey(0), x)
   plain, plain_flops = _grad_and_flops(plain_model, params, x)
   remat, remat_flops = _grad_and_flops(BACKBONES[family](remat=True, remat_policy=policy),
                                        params, x)
