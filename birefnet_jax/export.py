@@ -41,7 +41,7 @@ def export_model(model, variables, *, height: int = 1024, width: int = 1024,
                  batch_size: Optional[int] = 1, dtype: Optional[str] = None,
                  platforms: Optional[Sequence[str]] = None) -> jax.export.Exported:
   """The ``jax.export.Exported`` inference function; ``batch_size=None`` makes B symbolic."""
-  model = predict.with_compute_dtype(model, dtype)
+  model = predict.with_inference_options(model, dtype)
   if batch_size is None:
     shape = jax.export.symbolic_shape(f'b, {height}, {width}, 3')
   else:

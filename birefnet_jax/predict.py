@@ -45,10 +45,10 @@ import numpy as np
 
 from birefnet_jax import image_io
 from birefnet_jax.models.resize import resize_bilinear_align_corners_np
+from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
 
 DEFAULT_RESOLUTION = '1024x1024'
 DTYPES = ('float32', 'bfloat16')
-ATTENTIONS = ('einsum', 'xla', 'cudnn')   # Swin window attention (models/swin.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def cutout(image, mask, refine: bool = False):
 # ---------------------------------------------------------------------------------------------
 # The model.
 
-def with_compute_dtype(model, dtype: Optional[str], attention: Optional[str] = None):
+def with_inference_options(model, dtype: Optional[str], attention: Optional[str] = None):
   """The same model computing in ``dtype`` ('float32' or 'bfloat16'; parameters stay float32),
   with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as configured)."""
   changes = {}
@@ -136,8 +136,8 @@ def with_compute_dtype(model, dtype: Optional[str], attention: Optional[str] = N
       raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
     changes['dtype'] = dtype
   if attention is not None and attention != model.cfg.get('attention', 'einsum'):
-    if attention not in ATTENTIONS:
-      raise ValueError(f'attention must be one of {ATTENTIONS}, got {attention!r}')
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}')
     changes['attention'] = attention
   if not changes:
     return model
@@ -222,7 +222,7 @@ class Predictor:
                dtype: Optional[str] = None, attention: Optional[str] = None):
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    self.model = with_compute_dtype(model, dtype, attention)
+    self.model = with_inference_options(model, dtype, attention)
     self.variables = jax.device_put(variables)
     self.resolution = (parse_resolution(resolution) if isinstance(resolution, str) or
                        resolution is None else tuple(resolution))
@@ -431,7 +431,7 @@ def parse_args(argv):
   parser.add_argument('--batch_size', type=int, default=1)
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='compute dtype (parameters stay float32)')
-  parser.add_argument('--attention', choices=ATTENTIONS, default=None,
+  parser.add_argument('--attention', choices=ATTENTION_IMPLEMENTATIONS, default=None,
                       help="Swin window attention: einsum (default), xla, or cudnn (cuDNN's fused "
                            'kernel; GPU with --dtype bfloat16)')
   parser.add_argument('--cutout', action='store_true',

@@ -67,6 +67,7 @@ import optax
 from birefnet_jax import losses, optim
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.layers import checkpoint_policy
+from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -330,6 +331,15 @@ def make_train_step(model, tx):
   return jax.jit(step, donate_argnums=0)
 
 
+def train_step_and_state(model, variables, batch):
+  """The jitted official train step for global ``batch`` and its initial state (AdamW)."""
+  tx, _ = optim.make_optimizer(optim.optimizer_config(global_batch_size=batch),
+                               steps_per_epoch=1000)
+  state = dict(params=variables['params'], batch_stats=variables['batch_stats'],
+               opt_state=tx.init(variables['params']))
+  return make_train_step(model, tx), state
+
+
 def _finish_row(row, times, flops, mem, peak_tflops):
   median = statistics.median(times)
   row.update(median_ms=median * 1e3, min_ms=min(times) * 1e3,
@@ -363,12 +373,8 @@ def bench_jax(args, cfg, mode, size, batch, peak_tflops=None):
       compiled = compile_lowered(lowered, args)
       call = lambda: compiled(variables, images)
     else:
-      tx, _ = optim.make_optimizer(optim.optimizer_config(global_batch_size=batch),
-                                   steps_per_epoch=1000)
-      state = dict(params=variables['params'], batch_stats=variables['batch_stats'],
-                   opt_state=tx.init(variables['params']))
+      step, state = train_step_and_state(model, variables, batch)
       del variables
-      step = make_train_step(model, tx)
       rng = jax.random.PRNGKey(args.seed + 1)
       lowered = step.lower(state, images, masks, rng)
       compiled = compile_lowered(lowered, args)
@@ -400,13 +406,7 @@ def _try_train_batch(args, cfg, size, batch, bytes_limit):
   try:
     model = BiRefNet(cfg)
     images, masks = _random_batch(size, batch, args.seed)
-    variables = init_variables(model, images, args.seed)
-    tx, _ = optim.make_optimizer(optim.optimizer_config(global_batch_size=batch),
-                                 steps_per_epoch=1000)
-    state = dict(params=variables['params'], batch_stats=variables['batch_stats'],
-                 opt_state=tx.init(variables['params']))
-    del variables
-    step = make_train_step(model, tx)
+    step, state = train_step_and_state(model, init_variables(model, images, args.seed), batch)
     rng = jax.random.PRNGKey(args.seed)
     compiled = compile_lowered(step.lower(state, images, masks, rng), args)
     _, mem = compiled_costs(compiled)
@@ -772,8 +772,9 @@ def main(argv=None):
   modes = csv(args.modes)
   attentions = csv(args.attention)
   for a in attentions:
-    if a not in ('einsum', 'xla', 'cudnn'):
-      raise SystemExit(f'bench_model: unknown attention {a!r} in --attention (einsum, xla, cudnn)')
+    if a not in ATTENTION_IMPLEMENTATIONS:
+      raise SystemExit(f'bench_model: unknown attention {a!r} in --attention '
+                       f'{ATTENTION_IMPLEMENTATIONS}')
   for d in dtypes:
     if d not in ('float32', 'bfloat16', 'float16'):
       raise SystemExit(f'bench_model: unknown dtype {d!r} in --dtypes')
