@@ -41,6 +41,15 @@ class _DropUnrankedSaveWarning(std_logging.Filter):
 _UNRANKED_FILTER = _DropUnrankedSaveWarning()
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written: training must not go on without it."""
+
+
+def _cause(error: BaseException) -> str:
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0] if len(text) < 2000 else text[:2000]
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs in ``directory``."""
 
@@ -64,7 +73,9 @@ class Checkpointer:
         best_fn=best_fn, best_mode=best_mode,
         enable_async_checkpointing=async_save,
         create=True)
+    self.directory = directory
     self.manager = ocp.CheckpointManager(directory, options=options)
+    self._unchecked_step = None   # the step of a background save not yet known to be complete
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -87,10 +98,33 @@ class Checkpointer:
                  meta=ocp.args.JsonSave(dict(meta or {}, step=int(step), time=time.time())))
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(int(step), args=ocp.args.Composite(**items),
-                             metrics=None if metrics is None else
-                             {k: float(v) for k, v in metrics.items()},
-                             force=True)
+    self._wait_checked()   # orbax would wait for the previous save anyway; this names its failure
+    try:
+      saved = self.manager.save(int(step), args=ocp.args.Composite(**items),
+                                metrics=None if metrics is None else
+                                {k: float(v) for k, v in metrics.items()},
+                                force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(f'could not save the checkpoint of step {step} in '
+                                f'{self.directory}: {_cause(e)}') from e
+    self._unchecked_step = int(step)
+    return saved
+
+  def raise_if_failed(self):
+    """Raises ``CheckpointSaveError`` if a background save has failed; never blocks on a save
+    still running. Cheap: the loop calls it every step, so a failed save stops the run within a
+    step of the failure becoming known."""
+    if self._unchecked_step is not None and not self.manager.is_saving_in_progress():
+      self._wait_checked()
+
+  def _wait_checked(self):
+    step, self._unchecked_step = self._unchecked_step, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      where = f'step {step}' if step is not None else 'a step'
+      raise CheckpointSaveError(f'the checkpoint of {where} could not be written to '
+                                f'{self.directory}: {_cause(e)}') from e
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores checkpoint ``step`` into the structure (and shardings) of ``abstract_state``.
@@ -106,12 +140,15 @@ class Checkpointer:
     return restored['state']
 
   def wait(self):
-    """Blocks until the background writes of earlier saves are complete."""
-    self.manager.wait_until_finished()
+    """Blocks until the background writes of earlier saves are complete; raises
+    ``CheckpointSaveError`` if one failed."""
+    self._wait_checked()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._wait_checked()
+    finally:
+      self.manager.close()
 
 
 def abstract_like(state, shardings=None):

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from birefnet_jax import model_loading
 from birefnet_jax import predict
 
 
@@ -72,8 +73,12 @@ def parse_args(argv):
   parser.add_argument('--checkpoint', required=True,
                       help='converted checkpoint directory or training workdir')
   parser.add_argument('--output', required=True, help='file to write the serialized export to')
-  parser.add_argument('--resolution', default=predict.DEFAULT_RESOLUTION,
-                      help='input WIDTHxHEIGHT, multiples of 32 (default %(default)s)')
+  parser.add_argument('--step', default=None,
+                      help="a training workdir's checkpoint: 'best' (default), 'latest' or a "
+                           'step number')
+  parser.add_argument('--resolution', default=None,
+                      help='input WIDTHxHEIGHT, multiples of 32 (default: the training '
+                           f'resolution of a workdir, else {predict.DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', default='1',
                       help="fixed batch size, or 'dynamic' for a symbolic one (default 1)")
   parser.add_argument('--dtype', choices=predict.DTYPES, default='float32',
@@ -84,7 +89,8 @@ def parse_args(argv):
   parser.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
   args = parser.parse_args(argv)
   try:
-    args.resolution_hw = predict.parse_resolution(args.resolution)
+    args.resolution_hw = (predict.parse_resolution(args.resolution)
+                          if args.resolution is not None else 'default')
   except ValueError as e:
     parser.error(str(e))
   if args.resolution_hw is None:
@@ -109,12 +115,14 @@ def main(argv=None) -> int:
     print(f'error: {args.output} exists; pass --overwrite to replace it', file=sys.stderr)
     return 1
   try:
-    model, variables = predict.load_model(args.checkpoint)
+    loaded = model_loading.load(args.checkpoint, args.step)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  height, width = args.resolution_hw
-  exported = export_model(model, variables, height=height, width=width, batch_size=args.batch,
+  height, width = (predict.default_resolution(loaded) if args.resolution_hw == 'default'
+                   else args.resolution_hw)
+  print(f'loaded {loaded.description}')
+  exported = export_model(loaded.model, loaded.variables, height=height, width=width, batch_size=args.batch,
                           dtype=args.dtype, platforms=args.platform_list)
   data = exported.serialize()
   write_atomically(args.output, bytes(data))

@@ -175,7 +175,8 @@ def main(argv):
     # per process, so after a restart process 0 runs a cached program while the others compile
     # theirs anew, and on CPU (gloo) such a pair of programs was seen to deadlock in the first
     # step. JAX_COMPILATION_CACHE_DIR still opts in.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'jax_cache'))
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.join(os.path.abspath(FLAGS.workdir), 'jax_cache'))
   from birefnet_jax import train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

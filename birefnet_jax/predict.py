@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from birefnet_jax import image_io
+from birefnet_jax import model_loading
 from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
 
@@ -68,6 +69,12 @@ def parse_resolution(text: str) -> Optional[tuple[int, int]]:
     raise ValueError(f'resolution {width}x{height}: width and height must be positive multiples '
                      'of 32 (BiRefNet cuts its input into 32x32-aligned patches)')
   return height, width
+
+
+def default_resolution(loaded) -> tuple[int, int]:
+  """(height, width) to run a loaded checkpoint at when none is asked for: the resolution a
+  training workdir was trained at, else the official 1024x1024."""
+  return loaded.resolution or parse_resolution(DEFAULT_RESOLUTION)
 
 
 def model_input_size(image_hw, resolution_hw):
@@ -144,55 +151,6 @@ def with_inference_options(model, dtype: Optional[str], attention: Optional[str]
   cfg = model.cfg.copy_and_resolve_references()
   cfg.update(changes)
   return type(model)(cfg)
-
-
-def _is_training_workdir(path):
-  return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
-
-
-def _load_training_workdir(path):
-  """(model, variables) of the latest checkpoint of a training workdir.
-
-  The model config is read from ``model_config.json`` in the workdir (same format as the
-  converter's); the train state's ``params`` and ``batch_stats`` are restored as saved.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from birefnet_jax.convert.convert import CONFIG_FILE, config_from_json  # pylint: disable=g-import-not-at-top
-  from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{path}: training workdir without {CONFIG_FILE}; cannot rebuild the '
-                            'model')
-  with open(config_path) as f:
-    cfg = config_from_json(f.read())
-  manager = ocp.CheckpointManager(path)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{path}: no complete checkpoint in this training workdir')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored['state']
-  get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
-  variables = {'params': get('params')}
-  batch_stats = get('batch_stats')
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
-  manager.close()
-  return BiRefNet(cfg), variables
-
-
-def load_model(checkpoint: str):
-  """(model, variables) from a converter output directory or a training workdir."""
-  from birefnet_jax import load_converted  # pylint: disable=g-import-not-at-top
-  checkpoint = os.path.abspath(os.fspath(checkpoint))
-  if not os.path.exists(checkpoint):
-    raise FileNotFoundError(f'{checkpoint}: no such checkpoint directory')
-  if os.path.isdir(os.path.join(checkpoint, 'variables')):
-    return load_converted(checkpoint)
-  if _is_training_workdir(checkpoint):
-    return _load_training_workdir(checkpoint)
-  raise FileNotFoundError(
-      f'{checkpoint}: neither a converted checkpoint (model_config.json + variables/, from '
-      'tools/convert_torch_weights.py) nor a training workdir (numbered checkpoint steps)')
 
 
 _FORWARD_CACHE = {}
@@ -423,11 +381,14 @@ def parse_args(argv):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True,
                       help='converted checkpoint directory or training workdir')
+  parser.add_argument('--step', default=None,
+                      help="a training workdir's checkpoint: 'best' (default: best by the run's "
+                           "validation metric, else the latest), 'latest' or a step number")
   parser.add_argument('--input', required=True, nargs='+', help='image files and/or folders')
   parser.add_argument('--output', required=True, help='folder for the masks')
-  parser.add_argument('--resolution', default=DEFAULT_RESOLUTION,
-                      help="model input WIDTHxHEIGHT (multiples of 32) or 'original' "
-                           f'(default {DEFAULT_RESOLUTION})')
+  parser.add_argument('--resolution', default=None,
+                      help="model input WIDTHxHEIGHT (multiples of 32) or 'original' (default: "
+                           f'the training resolution of a workdir, else {DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', type=int, default=1)
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='compute dtype (parameters stay float32)')
@@ -453,7 +414,8 @@ def parse_args(argv):
   if args.cutout_dir and not args.cutout:
     parser.error('--cutout_dir needs --cutout')
   try:
-    args.resolution_hw = parse_resolution(args.resolution)
+    args.resolution_hw = (parse_resolution(args.resolution) if args.resolution is not None
+                          else 'default')
   except ValueError as e:
     parser.error(str(e))
   if args.batch_size < 1:
@@ -489,11 +451,15 @@ def main(argv=None) -> int:
       return 1
 
   try:
-    model, variables = load_model(args.checkpoint)
+    loaded = model_loading.load(args.checkpoint, args.step)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  predictor = Predictor(model, variables, resolution=args.resolution_hw,
+  resolution = default_resolution(loaded) if args.resolution_hw == 'default' else args.resolution_hw
+  print(f'loaded {loaded.description}; resolution '
+        f'{"original" if resolution is None else "x".join(map(str, resolution[::-1]))}',
+        file=sys.stderr)
+  predictor = Predictor(loaded.model, loaded.variables, resolution=resolution,
                         batch_size=args.batch_size, dtype=args.dtype, attention=args.attention)
   start = time.perf_counter()
   written, skipped = predict_files(predictor, plan, refine=args.refine_foreground,

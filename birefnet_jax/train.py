@@ -25,11 +25,13 @@ import ml_collections
 import numpy as np
 
 from birefnet_jax import checkpoint as checkpoint_lib
+from birefnet_jax import image_io
 from birefnet_jax import losses
+from birefnet_jax import model_loading
 from birefnet_jax import optim
 from birefnet_jax import predict as predict_lib
 from birefnet_jax import sharding
-from birefnet_jax.convert import names
+from birefnet_jax.convert.convert import config_to_json
 from birefnet_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from birefnet_jax.train_state import TrainState
 
@@ -86,45 +88,6 @@ def loss_lambdas(config, step: int, steps_per_epoch: int, epochs: int) -> dict:
   return losses.finetune_lambdas(base, started, task)
 
 
-def merge_pretrained(variables, loaded, source: str):
-  """Copies the leaves of ``loaded`` whose path and shape exist in ``variables``.
-
-  Returns the merged tree and a report (missing / unexpected / shape-mismatched paths), so a
-  converted backbone fills ``params/bb`` and leaves the decoder at its random initialization.
-  """
-  want = names.flatten(jax.tree.map(lambda x: x, variables))
-  have = names.flatten(jax.tree.map(lambda x: x, loaded))
-  merged, mismatched = {}, []
-  for path, value in want.items():
-    if path in have and tuple(have[path].shape) == tuple(value.shape):
-      merged[path] = np.asarray(have[path], dtype=value.dtype)
-    else:
-      if path in have:
-        mismatched.append(f'{"/".join(path)}: {tuple(have[path].shape)} vs model {tuple(value.shape)}')
-      merged[path] = value
-  missing = sorted('/'.join(p) for p in want if p not in have)
-  unexpected = sorted('/'.join(p) for p in have if p not in want)
-  loaded_count = len(want) - len(missing) - len(mismatched)
-  log(f'init_from {source}: loaded {loaded_count}/{len(want)} arrays; missing {len(missing)}, '
-      f'unexpected {len(unexpected)}, shape mismatch {len(mismatched)}')
-  for title, items in (('missing (kept random)', missing), ('unexpected (ignored)', unexpected),
-                       ('shape mismatch (kept random)', mismatched)):
-    if items:
-      shown = ', '.join(items[:12]) + (f', ... (+{len(items) - 12})' if len(items) > 12 else '')
-      log(f'  {title}: {shown}')
-  return names.nest(merged), dict(missing=missing, unexpected=unexpected, mismatched=mismatched)
-
-
-def load_pretrained_variables(path: str):
-  """Variables of a converted checkpoint dir: a whole BiRefNet, or an ImageNet backbone."""
-  from birefnet_jax.convert import convert as convert_lib  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(path, 'BACKBONE_ONLY')):
-    _, variables = convert_lib.load_converted_backbone(path)
-    return variables
-  _, variables = convert_lib.load_converted(path)
-  return variables
-
-
 def denormalize(image: np.ndarray) -> np.ndarray:
   rgb = image * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
   return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
@@ -142,6 +105,51 @@ def sample_panel(image, gt_uint8, pred_uint8, max_width: int = 768) -> np.ndarra
     panel = cv2.resize(panel, (max_width, max(1, int(round(panel.shape[0] * scale)))),
                        interpolation=cv2.INTER_AREA)
   return panel
+
+
+def sample_grid(panels) -> np.ndarray:
+  """The sample panels stacked top to bottom (narrower ones padded on the right), HWC uint8."""
+  width = max(p.shape[1] for p in panels)
+  rows = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in panels]
+  return np.concatenate(rows, axis=0)
+
+
+def write_run_files(workdir: str, config):
+  """W/config.json (the whole training config) and W/model_config.json (the model, in the
+  converter's format): predict, export and init_from rebuild the model from them."""
+  with open(os.path.join(workdir, model_loading.TRAINING_CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, model_loading.CONFIG_FILE), 'w') as f:
+    f.write(config_to_json(config.model))
+
+
+# Metrics shown in the progress log and the final table, in the DIS tables' order.
+SHOWN_METRICS = ('Sm', 'maxFm', 'wFm', 'MAE', 'meanEm', 'HCE')
+
+
+def metrics_table(results: dict) -> str:
+  """{'set/metric': value} -> a small text table, one row per validation set."""
+  sets = list(dict.fromkeys(k.split('/')[0] for k in results))
+  header = ['set'] + [m for m in SHOWN_METRICS if any(f'{s}/{m}' in results for s in sets)]
+  rows = [header]
+  for name in sets:
+    rows.append([name] + [f'{results[f"{name}/{m}"]:.4f}' if f'{name}/{m}' in results else ''
+                          for m in header[1:]])
+  widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+  return '\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def next_commands(workdir: str, config) -> str:
+  """What to run next on one's own images, with this run's workdir."""
+  height, width = config.data.image_size
+  shown = os.path.relpath(workdir) if not os.path.relpath(workdir).startswith('..') else workdir
+  return '\n'.join([
+      'Next, on your own images:',
+      f'  python -m birefnet_jax.predict --checkpoint {shown} --input photos/ --output masks/',
+      f'  python -m birefnet_jax.evaluate --pred_dir masks/ --gt_dir ground_truth/',
+      f'  python -m birefnet_jax.export --checkpoint {shown} --output model.jaxexport',
+      f'(the best checkpoint by validation {config.get("best_metric") or "(none: latest)"}, at the '
+      f'training resolution {width}x{height}; --step latest|N picks another)'])
 
 
 class MetricsWriter:
@@ -309,10 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last metrics."""
   from birefnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
+  # orbax and tensorstore need absolute paths; a relative --workdir is relative to here.
+  workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    write_run_files(workdir, config)
 
   # Mesh: every device of every process; the batch is split over all of them.
   mesh = sharding.make_mesh(int(config.get('fsdp', 1)))
@@ -364,6 +373,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      best_metric=config.get('best_metric') or None,
                                      best_mode=config.get('best_mode', 'max'))
   start_step = ckpt.latest_step()
+  if start_step is not None and start_step >= total_steps:
+    log(f'this run is already complete: {workdir} holds the checkpoint of step {start_step} '
+        f'(total_steps {total_steps}); nothing to do. To train on, raise --config.total_steps '
+        '(or --config.epochs); to start afresh, use another --workdir.')
+    log(next_commands(workdir, config))
+    ckpt.close()
+    train_iter.close()
+    return dict(step=start_step, last_validation=None, already_complete=True)
   if start_step is not None:
     state = ckpt.restore(start_step, checkpoint_lib.abstract_like(abstract_state, state_sharding),
                          train_iter)
@@ -371,8 +388,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif config.get('init_from'):
     random_vars = jax.device_get(jax.jit(
         lambda r: model.init({'params': r}, dummy, train=False))(init_rng))
-    variables, _ = merge_pretrained(random_vars, load_pretrained_variables(config.init_from),
-                                    config.init_from)
+    variables, _ = model_loading.merge_pretrained(
+        random_vars, model_loading.load_init_variables(config.init_from), config.init_from,
+        log=log)
     state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=state_sharding)(variables)
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
@@ -402,9 +420,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = jax.tree.map(float, results)
     writer.write(step, 'val', dict(results, eval_seconds=time.time() - t0))
     writer.images(step, 'val_samples', panels)
+    if panels and jax.process_index() == 0:
+      image_io.write_png(os.path.join(workdir, 'samples', f'step_{step}.png'), sample_grid(panels))
     shown = ', '.join(f'{k} {v:.4f}' for k, v in results.items()
-                      if k.split('/')[-1] in ('Sm', 'MAE', 'maxFm', 'wFm', 'meanEm', 'HCE'))
+                      if k.split('/')[-1] in SHOWN_METRICS)
     log(f'validation at step {step} ({time.time() - t0:.1f}s): {shown}')
+    last_results.clear()
+    last_results.update(results, step=step)
     # The checkpoint ranks by the best_metric of the first validation set (scored on process 0;
     # every process needs it, the ranking must agree).
     best = config.get('best_metric')
@@ -418,6 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {best: float(value)}
 
   # The loop. Host syncs only at log / validation / checkpoint steps.
+  last_results = {}   # the latest validation's {'set/metric': value, 'step': step}
   lambdas_host, lambdas_dev = None, None
   metric_sum, metric_count = None, 0
   timer_step, timer_t = start_step, time.time()
@@ -429,6 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if lambdas != lambdas_host:   # changes once per finetune epoch: a tiny transfer
       lambdas_host = lambdas
       lambdas_dev = sharding.put_replicated({k: np.float32(v) for k, v in lambdas.items()}, mesh)
+    ckpt.raise_if_failed()   # a failed background save stops the run here
     local = next(train_iter)
     batch = sharding.global_batch({k: local[k] for k in batch_keys if k in local},
                                   sharding.batch_sharding(mesh))
@@ -473,9 +497,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log(f'stopping at step {step} after SIGTERM (checkpoint saved)')
       break
 
-  ckpt.close()
+  ckpt.close()   # waits for the last save; raises CheckpointSaveError if it failed
+  train_iter.close()
   writer.close()
   preempted.restore_handlers()
+  if last_results:
+    val_step = last_results.pop('step')
+    log(f'final validation (step {val_step}):\n{metrics_table(last_results)}')
+    if int(config.get('num_sample_images', 0)):
+      log(f'sample predictions (image | ground truth | prediction): '
+          f'{os.path.join(workdir, "samples", f"step_{val_step}.png")}')
+  log(f'checkpoints: {os.path.join(workdir, "checkpoints")}; metrics: '
+      f'{os.path.join(workdir, "metrics.jsonl")}; TensorBoard: tensorboard --logdir {workdir}')
+  log(next_commands(workdir, config))
   return dict(step=step, last_validation=last_val)
 
 

@@ -1,12 +1,15 @@
-"""A tiny BiRefNet on the built-in synthetic data set: trains and validates on a laptop CPU in a
-few minutes and visibly learns (the loss falls, S-measure / F-measure rise).
+"""A tiny BiRefNet on the built-in synthetic data set: trains and validates on a 2-core CPU in
+about 5 minutes and visibly learns (S-measure ~0.45 -> ~0.9; see the README for the curve).
 
   python -m birefnet_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
 Same architecture as the official model (Swin, 'cat' pyramid, context fusion, squeeze block,
 InRef, OutRef, multi-stage supervision, ASPPDeformable decoder, the official losses), only much
 narrower and shallower, at 128x128, trained from scratch with a larger lr than the official
-recipe (which finetunes an ImageNet backbone).
+recipe (which finetunes an ImageNet backbone). The synthetic set is in its 'easy' mode (the
+DIS-like structures drawn thicker, in a colour that stands out, on plain backgrounds): the
+default 'dis' mode (thin structures on busy scenes) is too hard to learn in minutes on a CPU
+(Sm 0.48 after 128 steps, 0.64 after 512).
 """
 
 import ml_collections
@@ -28,6 +31,7 @@ def get_config(arg=None):
 
   config.data = data_config(source='synthetic', task='DIS5K', image_size=(128, 128),
                             synthetic_train_examples=512, synthetic_val_examples=24,
+                            synthetic_difficulty='easy',
                             val_sets='synthetic-val', train_sets='synthetic-train',
                             num_workers=1)
 
@@ -39,7 +43,7 @@ def get_config(arg=None):
   config.seed = 0
   config.batch_size = 8                      # global
   config.batch_size_per_device = -1
-  config.epochs = 2
+  config.epochs = 5                          # 5 x 64 = 320 steps
   config.steps_per_epoch = -1                # 512 // 8 = 64
   config.total_steps = -1
   config.deterministic = False

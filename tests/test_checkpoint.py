@@ -3,6 +3,7 @@ and SIGTERM -> flag."""
 
 import os
 import signal
+import time
 
 import grain
 import jax
@@ -86,3 +87,28 @@ def test_sigterm_sets_the_flag_and_handlers_are_restored():
   finally:
     flag.restore_handlers()
   assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_a_failed_background_save_stops_the_caller(tmp_path, monkeypatch):
+  """orbax writes in a background thread and only logs a failure there; the Checkpointer must
+  raise it to the training loop, naming the step, the folder and the cause. Here the write fails
+  as it did for a relative --workdir (orbax refuses relative paths in its writer thread)."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer('relative/checkpoints', keep=2)
+  ckpt.save(3, make_state())
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match=r'checkpoint of step 3 could not be written to relative/checkpoints: '
+                           r'Checkpoint path should be absolute'):
+    for _ in range(3000):   # the loop polls once per step; polling never blocks on a save
+      ckpt.raise_if_failed()
+      time.sleep(0.01)
+  assert ckpt.latest_step() is None
+  ckpt.close()   # the failure was reported once; nothing else is pending
+
+
+def test_closing_reports_a_failed_last_save(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer('relative/checkpoints', keep=2)
+  ckpt.save(5, make_state())
+  with pytest.raises(checkpoint.CheckpointSaveError, match='step 5'):
+    ckpt.close()

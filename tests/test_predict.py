@@ -322,20 +322,3 @@ def test_fused_attention_path_gives_the_same_masks(model_and_variables):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
   with pytest.raises(ValueError, match='attention must be one of'):
     predict.Predictor(model, variables, attention='flash')
-
-
-def test_loads_a_training_workdir(model_and_variables, converted, tmp_path):
-  import optax
-  from birefnet_jax.checkpoint import Checkpointer
-  from birefnet_jax.train_state import TrainState
-  model, variables = model_and_variables
-  workdir = tmp_path / 'workdir'
-  checkpointer = Checkpointer(str(workdir), async_save=False)
-  checkpointer.save(7, TrainState.create(variables, optax.sgd(0.1)))
-  checkpointer.close()
-  with pytest.raises(FileNotFoundError, match='model_config.json'):
-    predict.load_model(workdir)
-  (workdir / 'model_config.json').write_text((Path(converted) / 'model_config.json').read_text())
-  loaded_model, loaded = predict.load_model(workdir)
-  assert loaded_model.cfg.to_dict() == model.cfg.to_dict()
-  jax.tree.map(np.testing.assert_array_equal, loaded, dict(variables))

@@ -77,6 +77,8 @@ def data_config(**overrides):
       synthetic_train_examples=1000,
       synthetic_val_examples=32,
       synthetic_seed=0,
+      # 'dis' (thin structures on busy scenes) or 'easy' (thick, high-contrast, plain scenes).
+      synthetic_difficulty='dis',
       # source='tfds': prepared with tfds_builders.prepare(...) into tfds_data_dir.
       tfds_data_dir='',
   ))

@@ -168,7 +168,7 @@ def train_source(cfg):
     return sources.train_files(cfg)
   if cfg.source == 'synthetic':
     return SyntheticDataset(cfg.synthetic_train_examples, cfg.image_size,
-                            _synthetic_seed(cfg, None))
+                            _synthetic_seed(cfg, None), cfg.synthetic_difficulty)
   if cfg.source == 'tfds':
     from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.data_source(cfg, cfg.train_sets)
@@ -234,7 +234,7 @@ def eval_source(cfg, dataset_name):
     return sources.eval_files(cfg, dataset_name)
   if cfg.source == 'synthetic':
     return SyntheticDataset(cfg.synthetic_val_examples, cfg.image_size,
-                            _synthetic_seed(cfg, dataset_name or 'val'))
+                            _synthetic_seed(cfg, dataset_name or 'val'), cfg.synthetic_difficulty)
   if cfg.source == 'tfds':
     from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.data_source(cfg, dataset_name)

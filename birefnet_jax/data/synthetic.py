@@ -1,6 +1,10 @@
 """A built-in DIS-like data set: thin branching structures, meshes with holes, wires and holed
 gears with textured foregrounds on cluttered backgrounds, each with its exact mask.
 
+Two difficulties: 'dis' (the default: thin structures on busy scenes, like DIS5K) and 'easy'
+(the same four kinds drawn 2-3x thicker, in a colour that stands out, on a smooth background
+without clutter), which a tiny model learns within minutes on a CPU (configs/quickstart.py).
+
 Examples are drawn on the fly from (seed, index) at any size, so the set needs no disk and is
 the same on every machine and in every grain worker. The image is composited from the mask
 (foreground texture where mask = 255, background elsewhere), so the mask is exact.
@@ -80,10 +84,10 @@ def _foreground_texture(rng, height, width):
   return np.clip(fg, 0, 255).astype(np.uint8)
 
 
-def _draw_tree(rng, mask):
+def _draw_tree(rng, mask, thick=1.0):
   """A branching structure: each branch splits into 2-3 thinner, shorter ones."""
   height, width = mask.shape
-  scale = min(height, width) / 256.0
+  scale = thick * min(height, width) / 256.0
   x, y = rng.uniform(0.3, 0.7) * width, rng.uniform(0.8, 0.97) * height
   stack = [(x, y, -np.pi / 2 + rng.uniform(-0.3, 0.3), rng.uniform(0.2, 0.35) * height,
             max(1.0, rng.uniform(4, 9) * scale), int(rng.integers(5, 8)))]
@@ -99,10 +103,10 @@ def _draw_tree(rng, mask):
                       thickness * 0.7, depth - 1))
 
 
-def _draw_fence(rng, mask):
+def _draw_fence(rng, mask, thick=1.0):
   """A lattice of thin wires inside a quadrilateral frame: many holes."""
   height, width = mask.shape
-  scale = min(height, width) / 256.0
+  scale = thick * min(height, width) / 256.0
   corners = np.array([[rng.uniform(0.05, 0.3) * width, rng.uniform(0.05, 0.3) * height],
                       [rng.uniform(0.7, 0.95) * width, rng.uniform(0.05, 0.3) * height],
                       [rng.uniform(0.7, 0.95) * width, rng.uniform(0.7, 0.95) * height],
@@ -121,10 +125,10 @@ def _draw_fence(rng, mask):
   cv2.polylines(mask, [corners], True, 255, max(2, int(rng.uniform(3, 6) * scale)))
 
 
-def _draw_cables(rng, mask):
+def _draw_cables(rng, mask, thick=1.0):
   """Cubic Bezier wires of 1-4 px across the image, hanging from a pole."""
   height, width = mask.shape
-  scale = min(height, width) / 256.0
+  scale = thick * min(height, width) / 256.0
   pole_x = int(rng.uniform(0.1, 0.9) * width)
   pole_w = max(2, int(rng.uniform(3, 7) * scale))
   cv2.rectangle(mask, (pole_x - pole_w, int(0.1 * height)), (pole_x + pole_w, height - 1), 255, -1)
@@ -139,8 +143,9 @@ def _draw_cables(rng, mask):
     cv2.polylines(mask, [curve.astype(np.int32)], False, 255, max(1, int(rng.uniform(1, 4) * scale)))
 
 
-def _draw_gear(rng, mask):
+def _draw_gear(rng, mask, thick=1.0):
   """A toothed disc with a central hole and a ring of holes."""
+  del thick   # a gear is solid at any difficulty
   height, width = mask.shape
   cx, cy = rng.uniform(0.35, 0.65) * width, rng.uniform(0.35, 0.65) * height
   radius = rng.uniform(0.2, 0.33) * min(height, width)
@@ -161,15 +166,44 @@ def _draw_gear(rng, mask):
 _DRAW = {'Tree': _draw_tree, 'Fence': _draw_fence, 'Cable': _draw_cables, 'Gear': _draw_gear}
 
 
-def render(seed, index, image_size):
+def _easy_background(rng, height, width):
+  """A smooth two-colour gradient with faint noise: nothing that looks like an object."""
+  c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+  bg = c0 + _ramp(rng, height, width) * (c1 - c0)
+  bg += _smooth_noise(rng, height, width, int(rng.integers(2, 5)), 12.0)
+  return np.clip(bg + _grain(rng, (height, width, 1), 3.0), 0, 255).astype(np.uint8)
+
+
+def _easy_foreground(rng, background):
+  """A flat colour far in brightness from the background's mean, with faint shading."""
+  height, width = background.shape[:2]
+  mean = background.reshape(-1, 3).mean(0)
+  target = 210.0 if mean.mean() < 128 else 45.0
+  fg = np.float32(target) + rng.uniform(-40, 40, 3).astype(np.float32)
+  fg = fg + _smooth_noise(rng, height, width, 3, 10.0)
+  return np.clip(fg, 0, 255).astype(np.uint8)
+
+
+DIFFICULTIES = ('dis', 'easy')
+_EASY_THICKNESS = 2.5
+
+
+def render(seed, index, image_size, difficulty='dis'):
   """(image uint8 (H,W,3), mask uint8 (H,W) in {0,255}, kind) for one (seed, index)."""
+  if difficulty not in DIFFICULTIES:
+    raise ValueError(f'synthetic difficulty must be one of {DIFFICULTIES}, got {difficulty!r}')
   height, width = image_size
   rng = np.random.default_rng([int(seed), int(index)])
   kind = KINDS[int(rng.integers(0, len(KINDS)))]
   mask = np.zeros((height, width), np.uint8)
-  _DRAW[kind](rng, mask)
-  background = _background(rng, height, width)
-  foreground = _foreground_texture(rng, height, width)
+  if difficulty == 'easy':
+    _DRAW[kind](rng, mask, thick=_EASY_THICKNESS)
+    background = _easy_background(rng, height, width)
+    foreground = _easy_foreground(rng, background)
+  else:
+    _DRAW[kind](rng, mask)
+    background = _background(rng, height, width)
+    foreground = _foreground_texture(rng, height, width)
   image = np.where(mask[..., None] > 0, foreground, background)
   return image, mask, kind
 
@@ -186,10 +220,13 @@ class SyntheticDataset:
   'class_label': int (the DIS5K id of the structure's category)}.
   """
 
-  def __init__(self, num_examples, image_size, seed=0):
+  def __init__(self, num_examples, image_size, seed=0, difficulty='dis'):
+    if difficulty not in DIFFICULTIES:
+      raise ValueError(f'synthetic difficulty must be one of {DIFFICULTIES}, got {difficulty!r}')
     self.num_examples = int(num_examples)
     self.image_size = tuple(int(s) for s in image_size)
     self.seed = int(seed)
+    self.difficulty = difficulty
 
   def __len__(self):
     return self.num_examples
@@ -198,12 +235,13 @@ class SyntheticDataset:
     index = int(index)
     if not 0 <= index < self.num_examples:
       raise IndexError(f'index {index} out of range for {self!r}')
-    image, mask, kind = render(self.seed, index, self.image_size)
+    image, mask, kind = render(self.seed, index, self.image_size, self.difficulty)
     return dict(image=image, mask=mask, name=example_name(self.seed, index, kind) + '.png',
                 dataset='synthetic', class_label=DIS_CLASS_NAMES.index(kind))
 
   def __repr__(self):
-    return f'SyntheticDataset({self.num_examples}, {self.image_size}, seed={self.seed})'
+    return (f'SyntheticDataset({self.num_examples}, {self.image_size}, seed={self.seed}, '
+            f'difficulty={self.difficulty!r})')
 
 
 def write_official_layout(root, task='DIS5K', splits=None, image_size=(256, 256), seed=0,
