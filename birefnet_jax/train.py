@@ -497,6 +497,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log(f'stopping at step {step} after SIGTERM (checkpoint saved)')
       break
 
+  # The last batch lives in grain's shared memory (and, on CPU, in device arrays that alias it):
+  # release it before the iterator stops, so that grain unlinks every block (no "leaked
+  # shared_memory objects" at exit).
+  local = batch = None
   ckpt.close()   # waits for the last save; raises CheckpointSaveError if it failed
   train_iter.close()
   writer.close()
