@@ -18,15 +18,15 @@ a fixed batch. ``--platforms`` lowers for several backends at once (default: thi
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from birefnet_jax import predict
+from birefnet_jax import writing
+from birefnet_jax.errors import UserError, exits_on_user_error
 
 
 def inference_function(model, variables):
@@ -49,20 +49,6 @@ def export_model(model, variables, *, height: int = 1024, width: int = 1024,
   function = jax.jit(inference_function(model, variables))
   return jax.export.export(function, platforms=platforms)(
       jax.ShapeDtypeStruct(shape, jnp.float32))
-
-
-def write_atomically(path: str, data: bytes):
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, staging = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
 
 
 def parse_args(argv):
@@ -103,21 +89,20 @@ def parse_args(argv):
   return args
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  if os.path.exists(args.output) and not args.overwrite:
-    print(f'error: {args.output} exists; pass --overwrite to replace it', file=sys.stderr)
-    return 1
+  # Before the model is loaded and compiled: a file we may write (never a folder).
+  writing.check_output_file(args.output, '--output', args.overwrite)
   try:
     model, variables = predict.load_model(args.checkpoint)
   except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    raise UserError(str(e)) from None
   height, width = args.resolution_hw
   exported = export_model(model, variables, height=height, width=width, batch_size=args.batch,
                           dtype=args.dtype, platforms=args.platform_list)
   data = exported.serialize()
-  write_atomically(args.output, bytes(data))
+  writing.write_atomically(args.output, bytes(data))
   print(f'exported {args.checkpoint} -> {args.output} ({len(data) / 2**20:.1f} MiB)\n'
         f'  input  {exported.in_avals[0]} (ImageNet-normalized RGB)\n'
         f'  output {exported.out_avals[0]} (probabilities)\n'
