@@ -67,7 +67,8 @@ def parse_args(argv):
   parser.add_argument('--platforms', default=None,
                       help="comma-separated backends to lower for, e.g. 'cpu,cuda' "
                            '(default: the current backend)')
-  parser.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace OUTPUT if it is an existing file (a folder is never replaced)')
   args = parser.parse_args(argv)
   try:
     args.resolution_hw = predict.parse_resolution(args.resolution)

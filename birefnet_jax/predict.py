@@ -27,6 +27,7 @@ command stops before doing any work and lists them. Output folders are checked (
 we can write in) before the model is loaded. Two inputs mapping to the same output name
 (``a.jpg`` and ``a.png``) also stop it before any work. Unreadable files are skipped with a
 warning and listed at the end (exit status 0; 1 when no input at all is readable).
+An animated image (GIF, APNG, WebP) is predicted from its first frame, with a warning naming it.
 
 Batching: images are grouped by their model input shape; each shape compiles once (jit cache);
 a last partial batch is padded to the batch size so that it reuses the compiled function.
