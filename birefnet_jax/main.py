@@ -229,8 +229,12 @@ def _unknown_field_error(field, known, path):
                     if k.count('.') == depth and k.startswith(parent + '.' if parent else ''))
   close = difflib.get_close_matches(parts[depth], siblings, n=3, cutoff=0.6)
   prefix = parent + '.' if parent else ''
-  hint = (f'did you mean {" or ".join("--config." + prefix + c for c in close)}?' if close else
-          f'the fields of {parent or "the config"}: {", ".join(siblings)}')
+  if not parent and parts[0] in FLAGS:   # e.g. --config.workdir for --workdir
+    hint = f'--{parts[0]} is a flag of its own, not a config field: pass --{parts[0]}=...'
+  elif close:
+    hint = f'did you mean {" or ".join("--config." + prefix + c for c in close)}?'
+  else:
+    hint = f'the fields of {parent or "the config"}: {", ".join(siblings)}'
   return UserError(f'--config.{field}: {path} has no field {prefix + parts[depth]!r}', hint)
 
 

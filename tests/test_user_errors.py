@@ -413,6 +413,10 @@ def test_main_unknown_config_field_lists_the_closest_names(tmp_path):
   assert result.returncode == 1
   one_error(result.stderr, "no field 'model.backbonee'")
   assert '--config.model.backbone?' in result.stderr
+  result = run_main('--config.compilation_cache=false', workdir=tmp_path / 'w')
+  assert result.returncode == 1
+  one_error(result.stderr, "no field 'compilation_cache'")
+  assert '--compilation_cache is a flag of its own' in result.stderr
 
 
 def test_main_batch_not_divisible_and_missing_data_root_fail_before_training(tmp_path):
