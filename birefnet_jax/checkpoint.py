@@ -29,6 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from birefnet_jax.errors import UserError
+
 
 class _DropUnrankedSaveWarning(std_logging.Filter):
   """orbax warns on every save without metrics when a best metric is tracked; between
@@ -41,8 +43,13 @@ class _DropUnrankedSaveWarning(std_logging.Filter):
 _UNRANKED_FILTER = _DropUnrankedSaveWarning()
 
 
-class CheckpointSaveError(RuntimeError):
-  """A checkpoint could not be written: training must not go on without it."""
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written: training must not go on without it. The command line
+  reports it in one line (no traceback) and exits 1."""
+
+  def __init__(self, message: str):
+    super().__init__(message, 'fix the cause (disk space, permissions, the path) and run the same '
+                     'command again: it resumes from the last complete checkpoint')
 
 
 def _cause(error: BaseException) -> str:

@@ -24,11 +24,12 @@ the full-precision values (HCE: the mean over images): for one dataset the objec
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
+from birefnet_jax import writing
+from birefnet_jax.errors import UserError, report
 from birefnet_jax.metrics import evaluation
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -99,13 +100,21 @@ def evaluate_dataset(name, stems, preds, gts, workers, with_hce=True, progress=s
   acc = evaluation.MetricAccumulator(with_hce=with_hce)
   start = last = time.perf_counter()
   results = evaluation.iter_image_metrics(preds, gts, workers=workers, with_hce=with_hce)
-  for done, (stem, result) in enumerate(zip(stems, results), 1):
-    acc.add(result, stem)
-    now = time.perf_counter()
-    if progress is not None and (done == len(stems) or now - last > 0.5):
-      last = now
-      print(f'\r[{name}] {done}/{len(stems)} images, {done / (now - start):.2f} images/s',
-            end='', file=progress, flush=True)
+  try:
+    for done, (stem, gt, result) in enumerate(zip(stems, gts, results), 1):
+      acc.add(result, stem)
+      note = evaluation.tiny_image_note(result, gt)
+      if note:
+        print(f"{'' if progress is None else chr(10)}warning: {note}", file=sys.stderr)
+      now = time.perf_counter()
+      if progress is not None and (done == len(stems) or now - last > 0.5):
+        last = now
+        print(f'\r[{name}] {done}/{len(stems)} images, {done / (now - start):.2f} images/s',
+              end='', file=progress, flush=True)
+  except UserError:
+    if progress is not None:
+      print(file=progress)   # end the progress line before the error
+    raise
   if progress is not None:
     print(file=progress)
   return acc.result()
@@ -151,14 +160,16 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def run(args) -> dict:
+  """The evaluation the arguments ask for; UserError for a bad request."""
+  if args.json:   # before the (long) evaluation
+    writing.check_output_file(args.json, '--json', overwrite=True)
   try:
     datasets = find_datasets(args.gt_dir, args.pred_dir)
     pairs = [(name,) + pair_files(name, gts, pred_dir, args.skip_missing)
              for name, gts, pred_dir in datasets]
   except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+    raise UserError(str(e)) from None
   results = {}
   for name, stems, preds, gts in pairs:
     if not stems:
@@ -167,12 +178,24 @@ def main(argv=None) -> dict:
     results[name] = evaluate_dataset(name, stems, preds, gts, args.workers,
                                      with_hce=not args.no_hce,
                                      progress=None if args.quiet else sys.stderr)
+  if not results:
+    raise UserError(f'nothing to evaluate: no GT image in {args.gt_dir} has a prediction in '
+                    f'{args.pred_dir}', 'check --pred_dir (predictions are matched to GT '
+                    'images by file stem)')
   print(format_table(results))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump(next(iter(results.values())) if len(results) == 1 else results, f, indent=2)
+    data = next(iter(results.values())) if len(results) == 1 else results
+    writing.write_atomically(args.json, json.dumps(data, indent=2).encode())
   return results
+
+
+def main(argv=None) -> dict:
+  """Returns the results; a user error is one ``error:`` line and exit status 1."""
+  args = parse_args(argv)
+  try:
+    return run(args)
+  except UserError as e:
+    raise SystemExit(report(e)) from None
 
 
 if __name__ == '__main__':

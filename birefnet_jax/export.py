@@ -18,9 +18,7 @@ a fixed batch. ``--platforms`` lowers for several backends at once (default: thi
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -28,6 +26,8 @@ import jax.numpy as jnp
 
 from birefnet_jax import model_loading
 from birefnet_jax import predict
+from birefnet_jax import writing
+from birefnet_jax.errors import UserError, exits_on_user_error
 
 
 def inference_function(model, variables):
@@ -52,20 +52,6 @@ def export_model(model, variables, *, height: int = 1024, width: int = 1024,
       jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
-def write_atomically(path: str, data: bytes):
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, staging = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
-
-
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m birefnet_jax.export', description=__doc__.split('\n\n')[0],
@@ -86,7 +72,8 @@ def parse_args(argv):
   parser.add_argument('--platforms', default=None,
                       help="comma-separated backends to lower for, e.g. 'cpu,cuda' "
                            '(default: the current backend)')
-  parser.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace OUTPUT if it is an existing file (a folder is never replaced)')
   args = parser.parse_args(argv)
   try:
     args.resolution_hw = (predict.parse_resolution(args.resolution)
@@ -109,23 +96,23 @@ def parse_args(argv):
   return args
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  if os.path.exists(args.output) and not args.overwrite:
-    print(f'error: {args.output} exists; pass --overwrite to replace it', file=sys.stderr)
-    return 1
+  # Before the model is loaded and compiled: a file we may write (never a folder).
+  writing.check_output_file(args.output, '--output', args.overwrite)
   try:
     loaded = model_loading.load(args.checkpoint, args.step)
   except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    raise UserError(str(e)) from None
   height, width = (predict.default_resolution(loaded) if args.resolution_hw == 'default'
                    else args.resolution_hw)
   print(f'loaded {loaded.description}')
-  exported = export_model(loaded.model, loaded.variables, height=height, width=width, batch_size=args.batch,
+  exported = export_model(loaded.model, loaded.variables, height=height, width=width,
+                          batch_size=args.batch,
                           dtype=args.dtype, platforms=args.platform_list)
   data = exported.serialize()
-  write_atomically(args.output, bytes(data))
+  writing.write_atomically(args.output, bytes(data))
   print(f'exported {args.checkpoint} -> {args.output} ({len(data) / 2**20:.1f} MiB)\n'
         f'  input  {exported.in_avals[0]} (ImageNet-normalized RGB)\n'
         f'  output {exported.out_avals[0]} (probabilities)\n'

@@ -7,16 +7,18 @@ EXIF orientation applied). Here a file that cannot be decoded is not an error bu
 """
 
 import os
-import tempfile
 
 import cv2
 import numpy as np
 
+from birefnet_jax import writing
 from birefnet_jax.data import decode
 
 # Extensions picked up when a folder is given (a file named explicitly is always tried).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.dib', '.tif', '.tiff',
-                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm')
+                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm', '.gif')
+# Formats that may hold several frames (animated GIF, APNG, animated WebP): we predict the first.
+MULTI_FRAME_EXTENSIONS = ('.gif', '.png', '.webp')
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -26,13 +28,25 @@ def _is_image_name(name):
   return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(paths):
+def is_under(path, folder):
+  """Whether ``path`` is ``folder`` or lies below it (both absolute, symlinks resolved)."""
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def real(path):
+  return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def list_images(paths, exclude_folders=()):
   """Files to predict: ``[(path, relative path)]`` for files and folders (recursive, sorted).
 
   A file given directly is relative to its own folder (its name); a file found under a given
   folder keeps its path below that folder, so that outputs mirror the input tree. Hidden files
-  and folders are skipped. Raises FileNotFoundError for a path that does not exist.
+  and folders are skipped, and so is everything under ``exclude_folders`` found while walking a
+  folder (our own output folders inside an input folder: earlier masks are not images to
+  predict). Raises FileNotFoundError for a path that does not exist.
   """
+  excluded = [real(f) for f in exclude_folders]
   found = []
   for path in paths:
     path = os.fspath(path)
@@ -40,6 +54,9 @@ def list_images(paths):
       found.append((path, os.path.basename(path)))
     elif os.path.isdir(path):
       for folder, subfolders, files in os.walk(path):
+        if any(is_under(real(folder), e) for e in excluded):
+          subfolders[:] = []
+          continue
         subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
         for name in sorted(files):
           if _is_image_name(name):
@@ -48,6 +65,22 @@ def list_images(paths):
     else:
       raise FileNotFoundError(f'{path}: no such file or folder')
   return found
+
+
+def animation_note(path):
+  """A warning naming ``path`` when it holds several frames (of which we read the first), else
+  None."""
+  if not os.fspath(path).lower().endswith(MULTI_FRAME_EXTENSIONS):
+    return None
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as image:
+      frames = getattr(image, 'n_frames', 1)
+  except Exception:  # pylint: disable=broad-except  (unreadable: try_read_image says so)
+    return None
+  if frames <= 1:
+    return None
+  return f'{os.fspath(path)}: animated ({frames} frames); predicting its first frame only'
 
 
 def try_read_image(path):
@@ -75,7 +108,7 @@ def normalize(images_uint8):
 def write_png(path, array):
   """Writes a uint8 (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA array as a PNG.
 
-  The file appears complete or not at all (written beside it, then renamed), so an interrupted
+  The file appears complete or not at all (``writing.write_atomically``), so an interrupted
   run never leaves a truncated PNG that a later run would take for a finished output.
   """
   array = np.asarray(array)
@@ -90,14 +123,4 @@ def write_png(path, array):
   ok, encoded = cv2.imencode('.png', array)
   if not ok:
     raise OSError(f'{path}: PNG encoding failed')
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, staging = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(encoded.tobytes())
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
+  writing.write_atomically(path, encoded.tobytes())

@@ -15,15 +15,20 @@ flags and the same --workdir on a shared file system (see launch/). Each process
 A single process (none of these) does not initialize anything.
 """
 
+import difflib
 import logging as std_logging
 import os
 import re
+import runpy
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
+
+from birefnet_jax.errors import UserError, report
 
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                 lock_config=True)
@@ -161,6 +166,111 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
   return True
 
 
+# ------------------------------------------------------------------------------------------
+# User errors: one line, no traceback.
+# ------------------------------------------------------------------------------------------
+
+def _flag_value(argv, name):
+  """The value of ``--name=V`` or ``--name V`` in argv (the last one), or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      value = arg.split('=', 1)[1]
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _config_overrides(argv):
+  """The dotted field names of the --config.FIELD=V (and --[no]config.FIELD) arguments."""
+  fields = []
+  for arg in argv:
+    match = re.match(r'--(?:no)?config\.([^=]+)', arg)
+    if match:
+      fields.append(match.group(1))
+  return fields
+
+
+def _field_names(config, prefix=''):
+  """Every dotted field name of a ConfigDict, nested ones included."""
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      names += _field_names(value, f'{prefix}{key}.')
+  return names
+
+
+def unknown_config_field(argv):
+  """A UserError for the first --config.FIELD override that the config file does not have,
+  listing the closest field names; None when every override names a field."""
+  spec = _flag_value(argv, 'config')
+  if not spec:
+    return None
+  path, _, arg = spec.partition(':')
+  try:
+    get_config = runpy.run_path(path)['get_config']
+    config = get_config(arg) if arg else get_config()
+  except Exception:  # pylint: disable=broad-except  (ml_collections reports a bad file itself)
+    return None
+  known = set(_field_names(config))
+  for field in _config_overrides(argv):
+    if field not in known:
+      return _unknown_field_error(field, known, path)
+  return None
+
+
+def _unknown_field_error(field, known, path):
+  """The first unknown part of ``field`` (a.b.c), with the closest names beside it."""
+  parts = field.split('.')
+  depth = next(i for i in range(len(parts)) if '.'.join(parts[:i + 1]) not in known)
+  parent = '.'.join(parts[:depth])
+  siblings = sorted(k.split('.')[-1] for k in known
+                    if k.count('.') == depth and k.startswith(parent + '.' if parent else ''))
+  close = difflib.get_close_matches(parts[depth], siblings, n=3, cutoff=0.6)
+  prefix = parent + '.' if parent else ''
+  if not parent and parts[0] in FLAGS:   # e.g. --config.workdir for --workdir
+    hint = f'--{parts[0]} is a flag of its own, not a config field: pass --{parts[0]}=...'
+  elif close:
+    hint = f'did you mean {" or ".join("--config." + prefix + c for c in close)}?'
+  else:
+    hint = f'the fields of {parent or "the config"}: {", ".join(siblings)}'
+  return UserError(f'--config.{field}: {path} has no field {prefix + parts[depth]!r}', hint)
+
+
+def parse_flags(argv):
+  """absl's flag parsing (its own errors print a usage line), with unknown --config.FIELD
+  overrides (ml_collections raises AttributeError/KeyError from deep inside) in one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    error = unknown_config_field(argv)
+    if error is None:
+      raise
+    sys.exit(report(error))
+
+
+def check_config(config):
+  """Checks what would otherwise fail only after start-up (or at the first validation):
+  the global batch splits over the devices, and the data folders exist. Raises UserError."""
+  from birefnet_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from birefnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  sharding.local_batch_size(train.global_batch_size(config))
+  sources.check_folders(config.data)
+
+
+def _leave(status, multi_process):
+  """Exits; a failing process of a multi-process run leaves at once (see below)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if multi_process:
+    # A normal exit waits in jax.distributed's shutdown barrier for the other processes, which
+    # wait in a collective for this one. Leaving makes the launcher (srun --kill-on-bad-exit,
+    # launch/local.sh) or jax's heartbeat stop them.
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -179,19 +289,18 @@ def main(argv):
                       os.path.join(os.path.abspath(FLAGS.workdir), 'jax_cache'))
   from birefnet_jax import train  # pylint: disable=g-import-not-at-top
   try:
+    check_config(FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except UserError as e:   # a mistake in the request: one line, no traceback
+    report(e)
+    _leave(1, multi_process)
   except Exception:  # pylint: disable=broad-except
     if not multi_process:
       raise
-    # A failing process must leave at once: a normal exit waits in jax.distributed's shutdown
-    # barrier for the other processes, which wait in a collective for this one. Leaving makes
-    # the launcher (srun --kill-on-bad-exit, launch/local.sh) or jax's heartbeat stop them.
     logging.exception('training failed')
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
+    _leave(1, multi_process)
 
 
 if __name__ == '__main__':
   # Under app.run the absl flags are parsed, which grain's worker processes need.
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

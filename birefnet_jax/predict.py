@@ -18,11 +18,16 @@ Pipeline, as the official ``inference.py``:
 image's size floored to a multiple of 32 (the official code does the same flooring, with PIL
 bicubic instead of cv2 linear resizing).
 
-Existing outputs are never replaced silently: unless ``--overwrite`` (replace them) or
+Inputs are never outputs: an output folder (``--output``, ``--cutout_dir``) that is or holds an
+input file is refused; one that lies inside an input folder is left out of the inputs (a rerun
+never takes earlier masks for images). Existing outputs are never replaced silently: unless
+``--overwrite`` (replace the masks / cut-outs named from the inputs, nothing else) or
 ``--skip_existing`` (leave those images out, e.g. to resume an interrupted run) is given, the
-command stops before doing any work and lists them. Two inputs mapping to the same output name
+command stops before doing any work and lists them. Output folders are checked (a folder, one
+we can write in) before the model is loaded. Two inputs mapping to the same output name
 (``a.jpg`` and ``a.png``) also stop it before any work. Unreadable files are skipped with a
 warning and listed at the end (exit status 0; 1 when no input at all is readable).
+An animated image (GIF, APNG, WebP) is predicted from its first frame, with a warning naming it.
 
 Batching: images are grouped by their model input shape; each shape compiles once (jit cache);
 a last partial batch is padded to the batch size so that it reuses the compiled function.
@@ -45,6 +50,8 @@ import numpy as np
 
 from birefnet_jax import image_io
 from birefnet_jax import model_loading
+from birefnet_jax import writing
+from birefnet_jax.errors import UserError, exits_on_user_error
 from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
 
@@ -332,6 +339,9 @@ def predict_files(predictor, plan, *, refine: bool = False, workers: int = 4, pr
   def read(item):
     """-> (item, image kept for the cut-out, original size, model input, unreadable reason)."""
     image, reason = image_io.try_read_image(item[0])
+    note = image_io.animation_note(item[0]) if image is not None else None
+    if note:
+      print(f'warning: {note}', file=sys.stderr)
     if image is None:
       return item, None, None, None, reason
     return item, image if item[2] else None, image.shape[:2], predictor.preprocess(image), None
@@ -420,41 +430,116 @@ def parse_args(argv):
     parser.error(str(e))
   if args.batch_size < 1:
     parser.error('--batch_size must be >= 1')
+  args.cutout_dir_resolved = ((args.cutout_dir or os.path.join(args.output, 'cutout'))
+                              if args.cutout else None)
   return args
 
 
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  cutout_dir = (args.cutout_dir or os.path.join(args.output, 'cutout')) if args.cutout else None
-  # Everything that can be wrong with the request is checked before the model is loaded.
+def _output_folders(args):
+  """[(flag, folder)] of the folders this run writes into."""
+  folders = [('--output', args.output)]
+  if args.cutout_dir_resolved:
+    folders.append(('--cutout_dir', args.cutout_dir_resolved))
+  return folders
+
+
+def _folders_inside_inputs(folders, inputs):
+  """The output folders that lie strictly inside an input folder (left out of the inputs)."""
+  inside = []
+  for flag, folder in folders:
+    if any(image_io.is_under(image_io.real(folder), image_io.real(f)) for f in inside):
+      continue   # --cutout_dir inside --output: one note says it
+    for given in inputs:
+      if (os.path.isdir(given) and image_io.real(folder) != image_io.real(given)
+          and image_io.is_under(image_io.real(folder), image_io.real(given))):
+        print(f'note: {flag} {folder} lies inside the input folder {given}: files under it '
+              'are not taken as inputs', file=sys.stderr)
+        inside.append(folder)
+        break
+  return inside
+
+
+def check_inputs_are_not_outputs(files, folders):
+  """Refuses an output folder that is, or holds, an input file: masks named like the inputs
+  would be written among them, and --overwrite would replace them."""
+  inputs = [(path, image_io.real(path)) for path, _ in files]
+  for flag, folder in folders:
+    root = image_io.real(folder)
+    for path, real_path in inputs:
+      if image_io.is_under(real_path, root):
+        raise UserError(
+            f'{flag} {folder} holds the input {path}; outputs are never written among the inputs',
+            'choose an output folder that holds no input (a new folder, or a subfolder of the '
+            'input folder: that one is left out of the inputs)')
+
+
+def check_planned_outputs(plan):
+  """Every planned output can be a file: not an existing folder, its parents folders."""
+  parents = set()
+  for path, *outs in plan:
+    for out in filter(None, outs):
+      if os.path.isdir(out):
+        raise UserError(f'the output {out} for {path} is a folder; --overwrite replaces only '
+                        'files', 'move that folder away or choose another --output')
+      parents.add(os.path.dirname(os.path.abspath(out)))
+  for parent in sorted(parents):
+    if not os.path.isdir(writing.nearest_existing(parent)):
+      raise UserError(f'cannot make the folder {parent}: {writing.nearest_existing(parent)} is a '
+                      'file', 'move that file away or choose another --output')
+
+
+def plan_request(args):
+  """The checked ``plan_outputs`` of the request (before any model is loaded)."""
+  folders = _output_folders(args)
+  for flag, folder in folders:
+    writing.check_output_folder(folder, flag)
+  excluded = _folders_inside_inputs(folders, args.input)
   try:
-    plan = plan_outputs(image_io.list_images(args.input), args.output, cutout_dir)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  n_listed = len(plan)
-  if not plan:
-    print(f'error: no image files found in {" ".join(args.input)}', file=sys.stderr)
-    return 1
+    files = image_io.list_images(args.input, exclude_folders=excluded)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from None
+  if not files:
+    raise UserError(f'no image files found in {" ".join(args.input)}')
+  check_inputs_are_not_outputs(files, folders)
+  try:
+    plan = plan_outputs(files, args.output, args.cutout_dir_resolved)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  check_planned_outputs(plan)
+  return plan
+
+
+def leave_out_existing(args, plan):
+  """The plan without images whose outputs exist (--skip_existing); a UserError listing them
+  unless --overwrite or --skip_existing."""
   existing = [(p, [o for o in outs if o and os.path.exists(o)]) for p, *outs in plan]
   existing = [(p, e) for p, e in existing if e]
-  if existing and not args.overwrite:
-    if args.skip_existing:
-      done = {p for p, e in existing if len(e) == (2 if cutout_dir else 1)}
-      plan = [item for item in plan if item[0] not in done]
-      print(f'skipping {len(done)} images whose outputs exist', file=sys.stderr)
-    else:
-      shown = '\n  '.join(o for _, e in existing[:5] for o in e)
-      print(f'error: {len(existing)} images already have outputs, e.g.\n  {shown}\n'
-            'pass --overwrite to replace them or --skip_existing to leave those images out',
-            file=sys.stderr)
-      return 1
+  if not existing or args.overwrite:
+    return plan
+  if args.skip_existing:
+    done = {p for p, e in existing if len(e) == (2 if args.cutout_dir_resolved else 1)}
+    print(f'skipping {len(done)} images whose outputs exist', file=sys.stderr)
+    return [item for item in plan if item[0] not in done]
+  shown = '\n  '.join(o for _, e in existing[:5] for o in e)
+  raise UserError(f'{len(existing)} images already have outputs, e.g.\n  {shown}',
+                  'pass --overwrite to replace them or --skip_existing to leave those images out')
 
+
+@exits_on_user_error
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  cutout_dir = args.cutout_dir_resolved
+  # Everything that can be wrong with the request is checked before the model is loaded.
+  plan = plan_request(args)
+  n_listed = len(plan)
+  plan = leave_out_existing(args, plan)
+  if not plan:
+    print(f'all {n_listed} images already have their outputs; nothing to do', file=sys.stderr)
+    return 0
   try:
     loaded = model_loading.load(args.checkpoint, args.step)
   except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    raise UserError(str(e)) from None
   resolution = default_resolution(loaded) if args.resolution_hw == 'default' else args.resolution_hw
   print(f'loaded {loaded.description}; resolution '
         f'{"original" if resolution is None else "x".join(map(str, resolution[::-1]))}',

@@ -17,10 +17,16 @@ global batch; the official code (DDP without SyncBN) uses per-GPU statistics ins
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from birefnet_jax.errors import UserError
 
 BATCH_AXES = ('data', 'fsdp')
+
+
+class BatchSizeError(UserError, ValueError):
+  """A batch size that does not split over the devices (a user error: one line)."""
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
@@ -28,7 +34,8 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f'config.fsdp={fsdp} must be >= 1 and divide the device count {n}')
+    raise BatchSizeError(f'config.fsdp={fsdp} must be >= 1 and divide the device count {n}',
+                         f'set --config.fsdp to a divisor of {n}')
   return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices)
 
@@ -76,9 +83,12 @@ def state_shardings(mesh: Mesh, abstract_state, min_size: int = 2**18):
 def local_batch_size(global_batch_size: int) -> int:
   """This process's share of the global batch (checks that it splits evenly over devices)."""
   devices, processes = jax.device_count(), jax.process_count()
-  if global_batch_size % devices:
-    raise ValueError(f'the global batch size {global_batch_size} must be a multiple of the '
-                     f'number of devices ({devices})')
+  if global_batch_size < 1 or global_batch_size % devices:
+    raise BatchSizeError(
+        f'the global batch size {global_batch_size} must be a positive multiple of the number '
+        f'of devices ({devices})',
+        f'set --config.batch_size to a multiple of {devices}, or --config.batch_size=-1 and '
+        '--config.batch_size_per_device=N (the global batch is then N per device)')
   return global_batch_size // processes
 
 

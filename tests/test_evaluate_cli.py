@@ -8,6 +8,7 @@ from the mean of the fixture's per-image curves.
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -99,8 +100,11 @@ def test_missing_prediction_errors_or_skips(tmp_path, capsys):
   (tmp_path / 'pred' / f'{names[1]}.png').unlink()
   args = ['--pred_dir', str(tmp_path / 'pred'), '--gt_dir', str(tmp_path / 'gt'),
           '--workers', '1', '--quiet']
-  with pytest.raises(SystemExit, match=f'1 of 4 GT images have no prediction.*{names[1]}'):
+  with pytest.raises(SystemExit) as exit_info:
     evaluate.main(args)
+  assert exit_info.value.code == 1
+  assert re.search(f'^error: .*1 of 4 GT images have no prediction.*{names[1]}',
+                   capsys.readouterr().err, re.MULTILINE)
   out = tmp_path / 'skip.json'
   evaluate.main(args + ['--skip_missing', '--json', str(out)])
   assert 'WARNING' in capsys.readouterr().err

@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from birefnet_jax.convert import CheckpointMismatchError, convert_file  # pylint: disable=g-import-not-at-top,wrong-import-position
+from birefnet_jax.errors import UserError, exits_on_user_error  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def count_parameters(tree) -> int:
@@ -30,6 +31,7 @@ def count_parameters(tree) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('src', help='official checkpoint (.safetensors or .pth)')
@@ -38,13 +40,17 @@ def main(argv=None) -> int:
                       help='InRef patch channel order the checkpoint was trained with')
   parser.add_argument('--backbone-only', action='store_true',
                       help='treat SRC as an ImageNet backbone checkpoint (detected automatically)')
-  parser.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace DST if it is an earlier converter output (model_config.json, '
+                           'variables/ and nothing else); no other folder is ever replaced')
   args = parser.parse_args(argv)
   try:
     cfg, variables, backbone_only, report = convert_file(
         args.src, args.dst, inref_order=args.inref_order, overwrite=args.overwrite,
         backbone_only=args.backbone_only or None)
-  except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
+  except UserError:
+    raise   # reported with its hint by exits_on_user_error
+  except (CheckpointMismatchError, FileNotFoundError, ValueError) as e:   # what SRC holds
     print(f'error: {e}', file=sys.stderr)
     return 1
   bb = cfg.backbone

@@ -10,11 +10,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from birefnet_jax import writing
 from birefnet_jax.convert import infer, names
 from birefnet_jax.convert.reading import read_state_dict
+from birefnet_jax.errors import UserError
 
 CONFIG_FILE = 'model_config.json'
 VARIABLES_DIR = 'variables'
+BACKBONE_MARKER = 'BACKBONE_ONLY'
+# Everything the converter writes at the top of DST. --overwrite replaces a folder only when it
+# holds these and nothing else (see ``check_destination``).
+CONVERTER_ENTRIES = (CONFIG_FILE, VARIABLES_DIR, BACKBONE_MARKER)
 
 
 class CheckpointMismatchError(ValueError):
@@ -162,28 +168,81 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def save_converted(directory: str, cfg, variables, *, overwrite: bool = False):
-  """Writes ``directory/variables`` (orbax) and ``directory/model_config.json`` atomically."""
+def is_converter_output(directory: str) -> bool:
+  """Whether ``directory`` is a folder the converter wrote: ``model_config.json`` (a file) and
+  ``variables/`` (a folder), optionally ``BACKBONE_ONLY``, and nothing else; or empty."""
+  entries = set(os.listdir(directory))
+  if not entries:
+    return True
+  return (entries <= set(CONVERTER_ENTRIES)
+          and os.path.isfile(os.path.join(directory, CONFIG_FILE))
+          and os.path.isdir(os.path.join(directory, VARIABLES_DIR)))
+
+
+def check_destination(directory: str, overwrite: bool = False):
+  """Raises a UserError unless the converter may write ``directory``: it does not exist, or it
+  is an earlier converter output (or an empty folder) and ``overwrite`` is set; and its parent
+  is a folder we can write in. Nothing else is ever replaced."""
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.islink(directory):
+    raise UserError(f'DST {directory} is a symbolic link; the converter replaces only a folder '
+                    'it wrote', 'choose a new DST')
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise UserError(f'DST {directory} is a file; the converter writes a folder, and '
+                    '--overwrite never replaces a file', 'choose a new DST')
+  if os.path.isdir(directory):
+    if not is_converter_output(directory):
+      foreign = sorted(set(os.listdir(directory)) - set(CONVERTER_ENTRIES)) or sorted(
+          os.listdir(directory))
+      shown = ', '.join(foreign[:5]) + (', ...' if len(foreign) > 5 else '')
+      raise UserError(f'DST {directory} exists and is not a converter output (it holds '
+                      f'{shown}); the converter never replaces it, even with --overwrite',
+                      'choose a new DST (a converter output holds only model_config.json, '
+                      'variables/ and BACKBONE_ONLY)')
+    if not overwrite:
+      raise UserError(f'DST {directory} exists', 'pass --overwrite to replace it')
+  writing.check_can_create_in(os.path.dirname(directory), f'DST {directory}')
+
+
+def save_converted(directory: str, cfg, variables, *, overwrite: bool = False,
+                   extra_files=None):
+  """Writes ``directory/variables`` (orbax), ``directory/model_config.json`` and
+  ``extra_files`` ({name: text}) into a folder beside it, then renames that into place: DST is
+  complete or absent. An existing DST is replaced only if ``check_destination`` allows it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    if not overwrite:
-      raise FileExistsError(f'{directory} exists; pass --overwrite to replace it')
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.', dir=parent)
+  check_destination(directory, overwrite)
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  staging = writing.make_staging_folder(directory)
   try:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
-    with open(os.path.join(staging, CONFIG_FILE), 'w') as f:
-      f.write(config_to_json(cfg))
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
+    for name, text in {CONFIG_FILE: config_to_json(cfg), **(extra_files or {})}.items():
+      with open(os.path.join(staging, name), 'w') as f:
+        f.write(text)
+    _replace_folder(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def _replace_folder(staging: str, directory: str):
+  """Moves ``staging`` to ``directory``; an earlier converter output there (checked again now,
+  just before) is moved aside first and deleted only once the new one is in place."""
+  if not os.path.exists(directory):
+    os.replace(staging, directory)
+    return
+  if os.path.islink(directory) or not os.path.isdir(directory) or not is_converter_output(
+      directory):
+    raise UserError(f'DST {directory} changed while converting and is no longer a converter '
+                    'output; left as it is')
+  old = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.old.',
+                         dir=os.path.dirname(directory))
+  os.rmdir(old)   # only its unique name is wanted
+  os.replace(directory, old)
+  os.replace(staging, directory)
+  shutil.rmtree(old)
 
 
 def load_converted(directory: str):
@@ -192,7 +251,7 @@ def load_converted(directory: str):
   from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
-  if os.path.exists(os.path.join(directory, 'BACKBONE_ONLY')):
+  if os.path.exists(os.path.join(directory, BACKBONE_MARKER)):
     raise ValueError(f'{directory} holds only backbone weights (from an ImageNet checkpoint): use '
                      'it to initialize training (config.init_from), not for inference')
   if not os.path.exists(config_path):
@@ -210,6 +269,8 @@ def load_converted(directory: str):
 def convert_file(src: str, dst: str | None = None, *, inref_order: str = 'current',
                  overwrite: bool = False, backbone_only: bool | None = None):
   """Reads ``src``, converts (full model or backbone), optionally writes ``dst``."""
+  if dst is not None:   # before the (long) reading and converting
+    check_destination(dst, overwrite)
   state_dict = read_state_dict(src)
   if backbone_only is None:
     stripped = [names.strip_wrapper_prefixes(k) for k in state_dict]
@@ -223,10 +284,9 @@ def convert_file(src: str, dst: str | None = None, *, inref_order: str = 'curren
     cfg, variables = convert_state_dict(state_dict, inref_order=inref_order, source=src)
     report = {'ignored': [], 'missing': []}
   if dst is not None:
-    save_converted(dst, cfg, variables, overwrite=overwrite)
-    if backbone_only:
-      with open(os.path.join(dst, 'BACKBONE_ONLY'), 'w') as f:
-        f.write('This checkpoint holds only backbone weights (params/bb), for initializing training.\n')
+    marker = {BACKBONE_MARKER: 'This checkpoint holds only backbone weights (params/bb), for '
+                               'initializing training.\n'} if backbone_only else None
+    save_converted(dst, cfg, variables, overwrite=overwrite, extra_files=marker)
   return cfg, variables, backbone_only, report
 
 

@@ -15,14 +15,16 @@ import os
 from absl import logging
 
 from birefnet_jax.data.classes import class_label_from_filename
+from birefnet_jax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 # The official lookup tries '.png' first, then '.jpg' (then upper-case spellings).
 MASK_EXTENSION_PREFERENCE = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
-class MissingDataError(FileNotFoundError):
-  """A data set folder that is not there."""
+class MissingDataError(UserError, FileNotFoundError):
+  """A data set folder that is not there (a user error: the command line reports it in one
+  line)."""
 
 
 class PairedFiles:
@@ -106,9 +108,10 @@ def official_dataset_dir(root, task, dataset):
   return os.path.join(root, task, dataset) if task else os.path.join(root, dataset)
 
 
-def official_layout(root, task, datasets, *, image_subdir='im', mask_subdir='gt',
-                    on_bad_file='error', field='data.train_sets'):
-  """PairedFiles over ROOT/TASK/D/{im,gt} for every D of the '+'-joined `datasets`."""
+def dataset_folders(root, task, datasets, *, image_subdir='im', mask_subdir='gt',
+                    field='data.train_sets'):
+  """[(name, image folder, mask folder)] of the '+'-joined ``datasets`` under ROOT/TASK;
+  MissingDataError naming the first folder that is not there."""
   if not root:
     raise MissingDataError(
         'no data root given: set data.root (data_config(root=...)) to the folder holding '
@@ -118,7 +121,7 @@ def official_layout(root, task, datasets, *, image_subdir='im', mask_subdir='gt'
   names = [d.strip() for d in datasets.split('+') if d.strip()]
   if not names:
     raise MissingDataError(f'no data set named: set {field} (e.g. "DIS-TR" or "TR-DUTS+TR-HRSOD")')
-  records, skipped = [], 0
+  folders = []
   for name in names:
     base = official_dataset_dir(root, task, name)
     if not os.path.isdir(base):
@@ -130,6 +133,16 @@ def official_layout(root, task, datasets, *, image_subdir='im', mask_subdir='gt'
     image_dir, mask_dir = os.path.join(base, image_subdir), os.path.join(base, mask_subdir)
     _require_dir(image_dir, f'image folder of {name!r}', 'data.image_subdir')
     _require_dir(mask_dir, f'mask folder of {name!r}', 'data.mask_subdir')
+    folders.append((name, image_dir, mask_dir))
+  return folders
+
+
+def official_layout(root, task, datasets, *, image_subdir='im', mask_subdir='gt',
+                    on_bad_file='error', field='data.train_sets'):
+  """PairedFiles over ROOT/TASK/D/{im,gt} for every D of the '+'-joined `datasets`."""
+  records, skipped = [], 0
+  for name, image_dir, mask_dir in dataset_folders(root, task, datasets, image_subdir=image_subdir,
+                                                   mask_subdir=mask_subdir, field=field):
     found, n = pair_folder(image_dir, mask_dir, name, on_bad_file)
     if not found:
       raise MissingDataError(f'data set {name!r} has no image/mask pairs: looked at {image_dir}')
@@ -164,3 +177,22 @@ def eval_files(cfg, dataset_name):
   return official_layout(cfg.root, cfg.task, dataset_name, image_subdir=cfg.image_subdir,
                          mask_subdir=cfg.mask_subdir, on_bad_file=cfg.on_bad_file,
                          field='data.val_sets')
+
+
+def check_folders(cfg):
+  """Checks, before any model is built, that the folders a 'folder' data config names exist:
+  the training set's and every validation set's (a missing validation set would otherwise
+  only fail at the first validation). Raises MissingDataError naming what is missing."""
+  if cfg.source != 'folder':
+    return
+  if cfg.image_dir:
+    _require_dir(cfg.image_dir, 'image folder', 'data.image_dir')
+    _require_dir(cfg.mask_dir, 'mask folder', 'data.mask_dir')
+  else:
+    dataset_folders(cfg.root, cfg.task, cfg.train_sets, image_subdir=cfg.image_subdir,
+                    mask_subdir=cfg.mask_subdir, field='data.train_sets')
+  for name in (n.strip() for n in cfg.val_sets.split(',')):
+    if not name or (cfg.image_dir and name == 'folder'):
+      continue
+    dataset_folders(cfg.root, cfg.task, name, image_subdir=cfg.image_subdir,
+                    mask_subdir=cfg.mask_subdir, field='data.val_sets')

@@ -14,6 +14,7 @@ import sys
 import cv2
 import numpy as np
 
+from birefnet_jax.errors import UserError
 from birefnet_jax.metrics import hce as hce_lib
 from birefnet_jax.metrics import sod
 
@@ -21,14 +22,35 @@ METRIC_KEYS = ('Sm', 'MAE', 'maxFm', 'meanFm', 'adpFm', 'wFm', 'maxEm', 'meanEm'
                'HCE', 'n_images')
 CURVE_KEYS = ('fm', 'em', 'precision', 'recall')
 _MEAN_KEYS = ('Sm', 'MAE', 'adpFm', 'wFm', 'adpEm', 'HCE')
+# Below this many pixels the E-measure's H*W - 1 denominator (pysodmetrics) inflates it by more
+# than 1 % (a 1x1 image: divided by eps, ~4.5e15): such images get a warning.
+TINY_IMAGE_PIXELS = 100
 
 
-def read_gray(path) -> np.ndarray:
+class UnreadableImageError(UserError, ValueError):
+  """A prediction or GT file that is not a readable image (picklable: raised in workers)."""
+
+
+def read_gray(path, role: str = 'image') -> np.ndarray:
   """8-bit grayscale as ``cv2.imread(path, IMREAD_GRAYSCALE)``; clear error if unreadable."""
   image = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
   if image is None:
-    raise ValueError(f'{path}: cannot read as an image (missing, empty or not an image file)')
+    hint = ('write it again, or remove it and pass --skip_missing to leave that image out'
+            if role == 'prediction' else 'replace or remove that file')
+    raise UnreadableImageError(f'{role} {path}: cannot be read as an image (missing, empty, '
+                               'truncated or not an image file)', hint)
   return image
+
+
+def tiny_image_note(result: dict, name) -> str | None:
+  """A warning naming the image when it is so small that its E-measure is inflated (kept as
+  computed, faithful to pysodmetrics), else None."""
+  height, width = result['size']
+  if height * width >= TINY_IMAGE_PIXELS:
+    return None
+  return (f'{name}: a {width}x{height} image; its E-measure (max {result["maxEm"]:.4g}) is '
+          'divided by H*W-1 as in pysodmetrics and kept as computed, so it can dominate the '
+          "data set's maxEm / meanEm")
 
 
 def match_prediction(pred_u8: np.ndarray, gt_u8: np.ndarray) -> np.ndarray:
@@ -69,7 +91,7 @@ def image_metrics(pred_u8, gt_u8, gt_skeleton=None, with_hce=True) -> dict:
       wFm=float(sod.weighted_f_measure(pred, gt)),
       maxFm=float(curves['fm'].max()), meanFm=float(curves['fm'].mean()), adpFm=float(adp_fm),
       maxEm=float(curves['em'].max()), meanEm=float(curves['em'].mean()), adpEm=float(adp_em),
-      curves=curves)
+      curves=curves, size=gt_u8.shape)
   if with_hce:
     components = hce_lib.hce_components(pred_u8, gt_u8, gt_skeleton)
     result['HCE'] = sum(components.values())
@@ -119,8 +141,8 @@ class MetricAccumulator:
 
 def _load_and_measure(job):
   pred, gt, with_hce = job
-  gt_u8 = read_gray(gt) if isinstance(gt, (str, os.PathLike)) else gt
-  pred_u8 = read_gray(pred) if isinstance(pred, (str, os.PathLike)) else pred
+  gt_u8 = read_gray(gt, 'GT') if isinstance(gt, (str, os.PathLike)) else gt
+  pred_u8 = read_gray(pred, 'prediction') if isinstance(pred, (str, os.PathLike)) else pred
   try:
     return image_metrics(pred_u8, gt_u8, with_hce=with_hce)
   except ValueError as e:
