@@ -101,7 +101,7 @@ def test_accumulator_update_resizes_prediction_to_gt():
 def test_bad_inputs_raise_clear_errors(tmp_path):
   with pytest.raises(ValueError, match='uint8'):
     metrics.image_metrics(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))
-  with pytest.raises(ValueError, match='cannot read'):
+  with pytest.raises(ValueError, match=r'missing\.png: cannot be read as an image'):
     metrics.read_gray(tmp_path / 'missing.png')
   with pytest.raises(ValueError, match='no image'):
     metrics.MetricAccumulator().result()
