@@ -1,5 +1,6 @@
 """A tiny BiRefNet on the built-in synthetic data set: trains and validates on a 2-core CPU in
-about 5 minutes and visibly learns (S-measure ~0.45 -> ~0.9; see the README for the curve).
+about 5 minutes and visibly learns (S-measure ~0.67 after 64 steps, ~0.85 after 192; the README
+has the measured curve).
 
   python -m birefnet_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
@@ -43,7 +44,7 @@ def get_config(arg=None):
   config.seed = 0
   config.batch_size = 8                      # global
   config.batch_size_per_device = -1
-  config.epochs = 5                          # 5 x 64 = 320 steps
+  config.epochs = 3                          # 3 x 64 = 192 steps
   config.steps_per_epoch = -1                # 512 // 8 = 64
   config.total_steps = -1
   config.deterministic = False
