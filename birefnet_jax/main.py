@@ -288,17 +288,21 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir',
                       os.path.join(os.path.abspath(FLAGS.workdir), 'jax_cache'))
   from birefnet_jax import train  # pylint: disable=g-import-not-at-top
+  status = 0
   try:
     check_config(FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:   # a mistake in the request: one line, no traceback
-    report(e)
-    _leave(1, multi_process)
+    status = report(e)
   except Exception:  # pylint: disable=broad-except
     if not multi_process:
       raise
     logging.exception('training failed')
-    _leave(1, multi_process)
+    status = 1
+  if status:
+    # Out of the except block: the error's traceback, and the run's frames it holds (the input
+    # pipeline, batches in shared memory), are released before the process exits.
+    _leave(status, multi_process)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ function of s, so a run killed at any point and restarted from its last checkpoi
 same losses as one that was never interrupted.
 """
 
+import contextlib
 import itertools
 import json
 import os
@@ -447,55 +448,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_val = None
   log_every = int(config.log_every)
   step = start_step
-  for step in range(start_step + 1, total_steps + 1):
-    lambdas = loss_lambdas(config, step - 1, steps_per_epoch, epochs)
-    if lambdas != lambdas_host:   # changes once per finetune epoch: a tiny transfer
-      lambdas_host = lambdas
-      lambdas_dev = sharding.put_replicated({k: np.float32(v) for k, v in lambdas.items()}, mesh)
-    ckpt.raise_if_failed()   # a failed background save stops the run here
-    local = next(train_iter)
-    batch = sharding.global_batch({k: local[k] for k in batch_keys if k in local},
-                                  sharding.batch_sharding(mesh))
-    if step == start_step + 1:   # processes start the first step together
-      sharding.compile_everywhere(train_step, state, batch, lambdas_dev)
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = train_step(state, batch, lambdas_dev)
-    metric_sum = metrics if metric_sum is None else accumulate(metric_sum, metrics)
-    metric_count += 1
-    stop = preempted.should_stop(step)   # on every process at the same step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      lambdas = loss_lambdas(config, step - 1, steps_per_epoch, epochs)
+      if lambdas != lambdas_host:   # changes once per finetune epoch: a tiny transfer
+        lambdas_host = lambdas
+        lambdas_dev = sharding.put_replicated({k: np.float32(v) for k, v in lambdas.items()}, mesh)
+      ckpt.raise_if_failed()   # a failed background save stops the run here
+      local = next(train_iter)
+      batch = sharding.global_batch({k: local[k] for k in batch_keys if k in local},
+                                    sharding.batch_sharding(mesh))
+      if step == start_step + 1:   # processes start the first step together
+        sharding.compile_everywhere(train_step, state, batch, lambdas_dev)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step(state, batch, lambdas_dev)
+      metric_sum = metrics if metric_sum is None else accumulate(metric_sum, metrics)
+      metric_count += 1
+      stop = preempted.should_stop(step)   # on every process at the same step
 
-    if step == start_step + 1:
-      jax.block_until_ready(metrics)   # compile time does not belong in steps/s
-      log(f'step {step}: first step done (compilation included) in {time.time() - timer_t:.1f}s')
-      timer_step, timer_t = step, time.time()
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)   # compile time does not belong in steps/s
+        log(f'step {step}: first step done (compilation included) in {time.time() - timer_t:.1f}s')
+        timer_step, timer_t = step, time.time()
 
-    is_last = step == total_steps
-    if step % log_every == 0 or is_last or stop:
-      values = {k: float(v) / metric_count for k, v in jax.device_get(metric_sum).items()}
-      values['lr'] = float(jax.device_get(metrics['lr']))
-      metric_sum, metric_count = None, 0
-      now = time.time()
-      steps_per_sec = (step - timer_step) / max(now - timer_t, 1e-9) if step > timer_step else 0.0
-      timer_step, timer_t = step, now
-      values.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * batch_size,
-                    epoch=step / steps_per_epoch)
-      writer.write(step, 'train', values)
-      eta = (total_steps - step) / steps_per_sec if steps_per_sec else float('nan')
-      log(f'step {step}/{total_steps} | loss {values["loss"]:.4f} (pix {values["loss_pix"]:.4f}, '
-          f'gdt {values["loss_gdt"]:.4f}) | lr {values["lr"]:.3g} | {steps_per_sec:.2f} steps/s, '
-          f'{steps_per_sec * batch_size:.1f} img/s | ETA {_duration(eta)}')
+      is_last = step == total_steps
+      if step % log_every == 0 or is_last or stop:
+        values = {k: float(v) / metric_count for k, v in jax.device_get(metric_sum).items()}
+        values['lr'] = float(jax.device_get(metrics['lr']))
+        metric_sum, metric_count = None, 0
+        now = time.time()
+        steps_per_sec = (step - timer_step) / max(now - timer_t, 1e-9) if step > timer_step else 0.0
+        timer_step, timer_t = step, now
+        values.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * batch_size,
+                      epoch=step / steps_per_epoch)
+        writer.write(step, 'train', values)
+        eta = (total_steps - step) / steps_per_sec if steps_per_sec else float('nan')
+        log(f'step {step}/{total_steps} | loss {values["loss"]:.4f} (pix {values["loss_pix"]:.4f}, '
+            f'gdt {values["loss_gdt"]:.4f}) | lr {values["lr"]:.3g} | {steps_per_sec:.2f} steps/s, '
+            f'{steps_per_sec * batch_size:.1f} img/s | ETA {_duration(eta)}')
 
-    validated = None   # the ranking metric of this step's validation, if one ran
-    if (eval_every > 0 and step % eval_every == 0) or (is_last and config.get('eval_at_end', True)):
-      validated = run_validation(step)
-      last_val = validated
-    if ((ckpt_every > 0 and step % ckpt_every == 0) or validated is not None or is_last
-        or stop):
-      ckpt.save(step, state, train_iter, metrics=validated or None,
-                meta=dict(total_steps=total_steps))
-    if stop:
-      log(f'stopping at step {step} after SIGTERM (checkpoint saved)')
-      break
+      validated = None   # the ranking metric of this step's validation, if one ran
+      if ((eval_every > 0 and step % eval_every == 0)
+          or (is_last and config.get('eval_at_end', True))):
+        validated = run_validation(step)
+        last_val = validated
+      if ((ckpt_every > 0 and step % ckpt_every == 0) or validated is not None or is_last
+          or stop):
+        ckpt.save(step, state, train_iter, metrics=validated or None,
+                  meta=dict(total_steps=total_steps))
+      if stop:
+        log(f'stopping at step {step} after SIGTERM (checkpoint saved)')
+        break
+  except BaseException:
+    # An error (a bad file, a failed save, Ctrl-C) stops the run: release the last batch and
+    # close the input pipeline (no leaked shared memory), let a save in flight finish, and
+    # report the error itself, not one from the clean-up.
+    local = batch = None
+    with contextlib.suppress(Exception):
+      ckpt.close()
+    train_iter.close()
+    raise
 
   # The last batch lives in grain's shared memory (and, on CPU, in device arrays that alias it):
   # release it before the iterator stops, so that grain unlinks every block (no "leaked

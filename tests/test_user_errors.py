@@ -432,3 +432,65 @@ def test_main_batch_not_divisible_and_missing_data_root_fail_before_training(tmp
   assert result.returncode == 1
   one_error(result.stderr, str(tmp_path / 'nowhere'))
   assert not workdir.exists()                                 # stopped before training began
+
+
+def _official_layout(root, names, unpaired=(), garbage=()):
+  """ROOT/DIS5K/{DIS-TR,DIS-VD}/{im,gt} of small random PNGs; ``unpaired`` images get no mask,
+  ``garbage`` images are text files."""
+  rng = np.random.default_rng(0)
+  for dataset, count in names.items():
+    for i in range(count):
+      stem = f'{dataset}_{i:02d}'
+      for sub, shape in (('im', (64, 64, 3)), ('gt', (64, 64))):
+        folder = root / 'DIS5K' / dataset / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        if sub == 'gt' and stem in unpaired:
+          continue
+        if sub == 'im' and stem in garbage:
+          (folder / f'{stem}.png').write_text('not an image')
+          continue
+        cv2.imwrite(str(folder / f'{stem}.png'), rng.integers(0, 256, shape, np.uint8))
+  return root
+
+
+def test_tfds_builders_missing_root_and_unpaired_image_are_one_line(tmp_path):
+  result = run_python(['-m', 'birefnet_jax.data.tfds_builders', '--task', 'DIS5K', '--root',
+                       str(tmp_path / 'nowhere'), '--data_dir', str(tmp_path / 'tfds')])
+  assert result.returncode == 1
+  one_error(result.stderr, str(tmp_path / 'nowhere' / 'DIS5K'), 'not found')
+  root = _official_layout(tmp_path / 'data', {'DIS-TR': 3}, unpaired=('DIS-TR_01',))
+  result = run_python(['-m', 'birefnet_jax.data.tfds_builders', '--task', 'DIS5K', '--root',
+                       str(root), '--data_dir', str(tmp_path / 'tfds')])
+  assert result.returncode == 1
+  one_error(result.stderr, 'DIS-TR_01.png has no mask')
+  assert 'hint: set data.on_bad_file=' in result.stderr
+
+
+FOLDER_DATA = ('--config.data.source=folder', '--config.data.train_sets=DIS-TR',
+               '--config.data.val_sets=DIS-VD', '--config.data.image_size=(64, 64)')
+
+
+def test_main_unpaired_image_fails_before_training(tmp_path):
+  root = _official_layout(tmp_path / 'data', {'DIS-TR': 8, 'DIS-VD': 2}, unpaired=('DIS-TR_03',))
+  workdir = tmp_path / 'w'
+  result = run_main(*FOLDER_DATA, f'--config.data.root={root}', workdir=workdir)
+  assert result.returncode == 1
+  one_error(result.stderr, 'DIS-TR_03.png has no mask')
+  assert not (workdir / 'checkpoints').exists()
+
+
+def test_main_unreadable_validation_image_stops_the_run_in_one_line(tmp_path):
+  """The error comes after a train step, from validation, with a grain worker running: one error
+  line naming the file, exit 1. (grain still leaves the shared-memory blocks of one batch to
+  Python's resource tracker on this path; a run that ends normally leaves none, see
+  test_train.py.)"""
+  root = _official_layout(tmp_path / 'data', {'DIS-TR': 8, 'DIS-VD': 2}, garbage=('DIS-VD_01',))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = run_python(['-m', 'birefnet_jax.main', '--config', 'configs/quickstart.py',
+                       '--workdir', str(tmp_path / 'w'), *FOLDER_DATA,
+                       f'--config.data.root={root}', '--config.total_steps=1',
+                       '--config.eval_every=1', '--config.data.num_workers=1'],
+                      env=env, timeout=900)
+  assert result.returncode == 1, result.stderr[-3000:]
+  one_error(result.stderr, 'DIS-VD_01.png', 'not a readable image')
+  assert 'step 1: first step done' in result.stdout + result.stderr   # it failed while running

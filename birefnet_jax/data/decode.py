@@ -21,8 +21,10 @@ import os
 import cv2
 import numpy as np
 
+from birefnet_jax.errors import UserError
 
-class ImageDecodeError(ValueError):
+
+class ImageDecodeError(UserError, ValueError):
   """A file that is not a readable image (or a mask that does not fit its image)."""
 
 

@@ -85,9 +85,10 @@ def pair_folder(image_dir, mask_dir, dataset='', on_bad_file='error'):
     image_path = os.path.join(image_dir, f)
     if stem not in masks:
       if on_bad_file == 'error':
-        raise FileNotFoundError(
-            f'image {image_path} has no mask: looked for {stem}.* in {mask_dir} '
-            f"(set on_bad_file='skip' to leave such images out)")
+        raise MissingDataError(
+            f'image {image_path} has no mask: looked for {stem}.* in {mask_dir}',
+            hint="set data.on_bad_file='skip' (tfds_builders: --on_bad_file skip) to leave "
+                 'such images out, with a count')
       missing.append(image_path)
       continue
     mask_path = os.path.join(mask_dir, masks[stem])

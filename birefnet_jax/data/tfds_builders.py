@@ -19,6 +19,7 @@ lossless PNG. Reading back therefore gives the same arrays as the folder source.
 
 import argparse
 import os
+import sys
 
 import cv2
 import numpy as np
@@ -28,6 +29,7 @@ from etils import epath
 from birefnet_jax.data import decode
 from birefnet_jax.data import sources
 from birefnet_jax.data.config import OFFICIAL_DATASETS
+from birefnet_jax.errors import exits_on_user_error
 
 BUILDER_NAMES = {'DIS5K': 'dis5k', 'HRSOD': 'hrsod', 'COD': 'cod'}
 
@@ -195,16 +197,18 @@ def data_source(cfg, datasets):
   return _NamedSource(builder.as_data_source(split=split), f'{builder.name}:{split}')
 
 
-def main():
+@exits_on_user_error
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--task', required=True, choices=sorted(BUILDERS))
   parser.add_argument('--root', required=True, help='folder holding TASK/DATASET/{im,gt}')
   parser.add_argument('--data_dir', required=True, help='where to write the tfds files')
   parser.add_argument('--on_bad_file', default='error', choices=('error', 'skip'))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   builder = prepare(args.task, args.root, args.data_dir, args.on_bad_file)
   print({name: split.num_examples for name, split in builder.info.splits.items()})
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
