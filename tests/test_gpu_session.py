@@ -21,7 +21,7 @@ def test_dry_run_writes_every_step(tmp_path):
   env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   proc = subprocess.run(['bash', str(ROOT / 'tools' / 'gpu_session.sh'), '--dry-run'], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+                        env=env, capture_output=True, text=True, timeout=1800)
   log = (out / 'session.log').read_text() if (out / 'session.log').exists() else ''
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -77,3 +77,19 @@ def test_dry_run_writes_every_step(tmp_path):
   assert body[0].startswith('| step | impl | mode |') and 'MFU' in body[0]
   assert len(body) == 1 + sum(1 for r in rows if r.get('impl') != 'env')
   assert table.startswith('Environment: ')
+
+
+def test_max_batch_guess():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location('gpu_session', ROOT / 'tools' / 'gpu_session.py')
+  session = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(session)
+  gib = 2**30
+  row = lambda b, m, remat=True: dict(step='train', impl='jax', remat=remat, status='ok',
+                                      batch=b, compiled_mem_gib=m)
+  # 4 GiB fixed + 2 GiB per image; 85 % of 100 GiB -> (85 - 4) / 2 = 40.
+  assert session.max_batch_guess([row(2, 8), row(4, 12), row(4, 50, remat=False)],
+                                 100 * gib) == 40
+  assert session.max_batch_guess([row(2, 8)], 100 * gib) == 21      # 4 GiB per image
+  assert session.max_batch_guess([], 100 * gib) == 16
+  assert session.max_batch_guess([row(2, 8)], None) == 16

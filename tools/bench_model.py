@@ -698,6 +698,52 @@ def official_train_step(torch, model, optimizer, loss_module, scaler, autocast_c
   return step
 
 
+class _StubName(type):
+  """A stand-in class whose every attribute is another stand-in (``InterpolationMode.BILINEAR``)."""
+
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return _StubName(name, (), {})
+
+
+def _install_torchvision_stub(deform_conv2d):
+  """Stand-in ``torchvision`` modules (any submodule, any name) with the pure-torch
+  ``deform_conv2d``, for dry runs where torchvision cannot be imported at all."""
+  import importlib.abc  # pylint: disable=import-outside-toplevel
+  import importlib.machinery  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  class StubModule(types.ModuleType):
+
+    def __getattr__(self, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return _StubName(name, (torch.nn.Module,), {})
+
+  class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+
+    def find_spec(self, fullname, path=None, target=None):
+      del path, target
+      if fullname == 'torchvision' or fullname.startswith('torchvision.'):
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+      return None
+
+    def create_module(self, spec):
+      module = StubModule(spec.name)
+      module.__path__ = []
+      return module
+
+    def exec_module(self, module):
+      if module.__name__ == 'torchvision.ops':
+        module.deform_conv2d = deform_conv2d
+
+  for name in [n for n in sys.modules if n == 'torchvision' or n.startswith('torchvision.')]:
+    del sys.modules[name]
+  sys.meta_path.insert(0, Finder())
+
+
 def install_deform_standin():
   """Where torchvision's ``deform_conv2d`` cannot run, puts the pure-torch DCN of
   tests/torch_reference.py in its place (before the official code imports it). Returns None if
@@ -716,18 +762,11 @@ def install_deform_standin():
     import torchvision.ops  # pylint: disable=import-outside-toplevel
     torchvision.ops.deform_conv2d = deform_conv2d
   except Exception:  # pylint: disable=broad-except
-    # No usable torchvision at all: the official code needs only deform_conv2d and the VGG /
-    # ResNet constructors (never called for Swin/PVT) from it.
-    import types  # pylint: disable=import-outside-toplevel
-    tv = types.ModuleType('torchvision')
-    tv.ops = types.ModuleType('torchvision.ops')
-    tv.models = types.ModuleType('torchvision.models')
-    tv.ops.deform_conv2d = deform_conv2d
-    for name in ('vgg16', 'vgg16_bn', 'VGG16_Weights', 'VGG16_BN_Weights', 'resnet50',
-                 'ResNet50_Weights'):
-      setattr(tv.models, name, None)
-    sys.modules.update({'torchvision': tv, 'torchvision.ops': tv.ops,
-                        'torchvision.models': tv.models})
+    # torchvision does not even import (its CUDA build's ops against a CPU torch): the official
+    # code needs only deform_conv2d from it (the VGG / ResNet constructors are never called for
+    # Swin/PVT); timm imports more names at import time. Stand-in modules give those names.
+    _install_torchvision_stub(deform_conv2d)
+    why += '; torchvision replaced by stand-in modules'
   return f"stand-in deform op (pure torch; torchvision's does not run: {why})"
 
 

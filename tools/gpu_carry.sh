@@ -15,8 +15,8 @@
 #   3. checks that what travels (the tracked files + .whl + .official) stays under 64 MiB;
 #   4. prints the remote command (under 2,000 characters) and the folders to carry.
 #
-# CARRY_PYTHON_VERSION=3.11 downloads the cp311 wheels instead (to prove the set on this machine,
-# whose Python is 3.11; the device's is 3.12). Everything else the session imports is on the
+# CARRY_PYTHON_VERSION=3.11 CARRY_WHL_DIR=/tmp/whl311 downloads the cp311 variants elsewhere (to
+# prove the set on a machine whose Python is 3.11; the device's is 3.12). Everything else the session imports is on the
 # device already (its package list: jax 0.11.2, flax, optax, orbax-checkpoint, torch 2.11,
 # torchvision 0.26, timm, einops, opencv-python-headless, huggingface-hub, absl-py, pyyaml, ...).
 set -euo pipefail
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 OFFICIAL_GIT="${1:-${BIREFNET_OFFICIAL_GIT:-}}"
 OFFICIAL_COMMIT=25cb930
 PY_VERSION="${CARRY_PYTHON_VERSION:-3.12}"
-WHL_DIR=.whl
+WHL_DIR="${CARRY_WHL_DIR:-.whl}"
 OFFICIAL_DIR=.official
 LIMIT_MIB=64
 # One version of each: two versions of a package stop the whole install on the device.

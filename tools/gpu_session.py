@@ -15,6 +15,7 @@ the official code and its packages are there), so that the GPU session cannot fa
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -72,7 +73,7 @@ def read_rows(out):
 
 def _version(module_name):
   try:
-    module = __import__(module_name)
+    module = importlib.import_module(module_name)
     return getattr(module, '__version__', 'installed')
   except Exception as e:  # pylint: disable=broad-except
     return f'missing ({type(e).__name__})'
@@ -226,16 +227,24 @@ def step_train(args, emit):
 
 
 def max_batch_guess(rows, bytes_limit, default=16):
-  """A first batch for the search from the train step's peak memory at batch 2 with remat: the
-  batch that would fill ~85 % of the device if memory grew linearly from zero (an overestimate
-  per image, so the guess errs low)."""
+  """A first batch for the search from the train step's rows with remat: XLA's memory estimate
+  at two batch sizes gives bytes per image and a fixed part (parameters, optimizer state); the
+  guess is the batch that fills ~85 % of ``bytes_limit``. With one row, memory is taken as
+  proportional to the batch (an overestimate per image: the guess errs low)."""
+  mem = {}
   for r in rows:
     if (r.get('step') == 'train' and r.get('impl') == 'jax' and r.get('remat') is True
-        and r.get('peak_mem_gib') and r.get('status') == 'ok'):
-      per_image = r['peak_mem_gib'] * 2**30 / r['batch']
-      if bytes_limit:
-        return max(2, int(0.85 * bytes_limit / per_image))
-  return default
+        and r.get('status') == 'ok' and (r.get('compiled_mem_gib') or r.get('peak_mem_gib'))):
+      mem[r['batch']] = (r.get('compiled_mem_gib') or r['peak_mem_gib']) * 2**30
+  if not mem or not bytes_limit:
+    return default
+  batches = sorted(mem)
+  if len(batches) >= 2 and mem[batches[-1]] > mem[batches[0]]:
+    per_image = (mem[batches[-1]] - mem[batches[0]]) / (batches[-1] - batches[0])
+    fixed = max(0.0, mem[batches[0]] - per_image * batches[0])
+  else:
+    per_image, fixed = mem[batches[0]] / batches[0], 0.0
+  return max(2, int((0.85 * bytes_limit - fixed) / per_image))
 
 
 def step_max_batch(args, emit):
