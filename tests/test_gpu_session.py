@@ -30,7 +30,7 @@ def test_dry_run_writes_every_step(tmp_path):
   ends = {r['mode']: r for r in rows if r.get('impl') == 'step'}
   assert list(ends) == ['env', 'deform', 'infer', 'train', 'max_batch'], ends
   for name, end in ends.items():
-    assert end['status'] == 'ok', (name, end, log[-3000:])
+    assert end['status'] == f"ok ({end['seconds']:.0f} s)", (name, end, log[-3000:])
 
   by_step = lambda step, impl: [r for r in rows if r['step'] == step and r.get('impl') == impl]
   env_row, = by_step('env', 'env')

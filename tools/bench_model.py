@@ -1073,7 +1073,9 @@ def main(argv=None):
                       remat=remat, first_oom=found['first_oom'], tried=found['tried'],
                       status=('ok' if found['settled'] else
                               f"ok (stopped after {len(found['tried'])} compiles: fits "
-                              f"{found['max_batch']}, OOM at {found['first_oom']})")))
+                              f"{found['max_batch']}, " + (
+                                  f"OOM at {found['first_oom']})" if found['first_oom']
+                                  else 'no OOM seen)'))))
 
   print()
   print(f"BiRefNet {args.preset} on {info['device_kind']} ({info['platform']}), jax "

@@ -107,7 +107,7 @@ def scatter_add_probe(seconds, updates, bins):
     jax.block_until_ready(fn(values, index))
     times = []
     end = time.perf_counter() + seconds / 2
-    while time.perf_counter() < end or len(times) < 3:
+    while time.perf_counter() < end or not times:
       start = time.perf_counter()
       jax.block_until_ready(fn(values, index))
       times.append(time.perf_counter() - start)
@@ -156,7 +156,7 @@ def step_env(args, emit):
   emit(dict(impl='env', status='ok', **info))
   print(json.dumps(info, indent=1, default=str), flush=True)
 
-  seconds, updates, bins = (1.0, 1 << 16, 256) if args.dry_run else (5.0, 1 << 24, 4096)
+  seconds, updates, bins = (1.0, 1 << 16, 256) if args.dry_run else (5.0, 1 << 22, 4096)
   row = dict(impl='scatter-add probe', mode='f32 scatter-add', dtype='float32',
              size=f'{updates} updates into {bins} bins', status='ok')
   try:
@@ -265,8 +265,8 @@ def step_max_batch(args, emit):
 
 def step_end(args, emit):
   """The shell's record of a step: its exit status and seconds (124/137: timed out)."""
-  status = ('ok' if args.rc == 0 else 'skipped: no time left in the session' if args.rc == 125
-            else
+  status = (f'ok ({args.seconds:.0f} s)' if args.rc == 0 else
+            'skipped: no time left in the session' if args.rc == 125 else
             f'timeout after {args.seconds:.0f} s (rows measured before it are kept)'
             if args.rc in (124, 137) else f'exit status {args.rc}')
   emit(dict(impl='step', mode=args.step, seconds=args.seconds, rc=args.rc, status=status))
@@ -279,11 +279,12 @@ COLUMNS = (('step', 'step', '{}'), ('impl', 'impl', '{}'), ('mode', 'mode', '{}'
            ('size', 'size', '{}'), ('batch', 'B', '{}'), ('kernel', 'k', '{}'),
            ('dtype', 'dtype', '{}'), ('attention', 'attn', '{}'), ('remat', 'remat', '{}'),
            ('median_ms', 'ms', '{:.2f}'), ('images_per_s', 'img/s', '{:.2f}'),
-           ('gflops', 'GFLOP', '{:.1f}'), ('xla_gflops', 'xla GFLOP', '{:.1f}'),
+           ('gflops', 'GFLOP', '{:.4g}'), ('xla_gflops', 'xla GFLOP', '{:.4g}'),
            ('tflops_per_s', 'TFLOP/s', '{:.3g}'), ('mfu', 'MFU', '{:.1%}'),
            ('peak_mem_gib', 'peak GiB', '{:.1f}'), ('compile_s', 'compile s', '{:.1f}'),
            ('status', 'status', '{}'))
-ENV_KEYS = ('nvidia_smi', 'jax_device_kind', 'python', 'jax', 'jaxlib', 'flax', 'optax', 'torch',
+ENV_KEYS = ('nvidia_smi', 'jax_device_kind', 'python', 'jax', 'jaxlib', 'flax', 'optax',
+            'ml_collections', 'grain', 'torch',
             'torchvision', 'torch_cuda', 'torch_cudnn', 'jax_cudnn', 'timm', 'kornia', 'xla_flags',
             'official', 'official_commit')
 
