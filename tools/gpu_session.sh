@@ -41,7 +41,11 @@ if [ -n "$DRY_RUN" ]; then
   SESSION_SECONDS=$((SESSION_SECONDS * SCALE))
   # CPU: one train-step compile is reused by the max-batch search through JAX's disk cache.
   export JAX_PLATFORMS=cpu
-  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}"
+  if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+    JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
+    trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+  fi
+  export JAX_COMPILATION_CACHE_DIR
 fi
 START=$(date +%s)
 LOG="$OUT_DIR/session.log"
