@@ -43,7 +43,7 @@ def test_train_run_writes_json_rows(bench, tmp_path, monkeypatch):
                        '--modes=train', '--repeats=1', '--warmup=1', '--fast_compile',
                        '--max_batch_search', '--remat',
                        '--no_deform_conv', f'--torch-official={not_a_checkout}',
-                       f'--json={out}'])
+                       f'--json={out}', f'--jsonl={tmp_path / "rows.jsonl"}'])
   written = json.loads(out.read_text())
   assert written['device']['platform'] == result['device']['platform']
   jax_rows = [r for r in written['rows'] if r['impl'] == 'jax']
@@ -55,9 +55,15 @@ def test_train_run_writes_json_rows(bench, tmp_path, monkeypatch):
       assert isinstance(r[key], (int, float)) and r[key] > 0, (key, r)
     assert 'peak_mem_gib' in r and 'tflops_per_s' in r
     assert math.isfinite(r['loss'])
-  # The remat row really recomputes: its program does the forward of the blocks twice.
+  # The remat row really recomputes: its program (XLA's count) does the forward of the blocks
+  # twice; the analytic model FLOPs (MFU's numerator) are the same for both.
   plain, remat = jax_rows
-  assert remat['gflops'] > plain['gflops'] * 1.1, (plain['gflops'], remat['gflops'])
+  assert remat['xla_gflops'] > plain['xla_gflops'] * 1.1, (plain, remat)
+  assert remat['gflops'] == plain['gflops']
+  assert plain['attention'] == 'sdpa->xla'   # the default matches the official SDPA
+  # Every row was also written as a JSON line the moment it was measured.
+  lines = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
+  assert [r['impl'] for r in lines] == ['torch-official', 'jax', 'jax']
   torch_rows = [r for r in written['rows'] if r['impl'] == 'torch-official']
   assert len(torch_rows) == 1 and 'not a checkout of the official BiRefNet' in \
       torch_rows[0]['status']
@@ -75,3 +81,32 @@ def test_bad_arguments_fail_clearly(bench):
     bench.main(['--preset=swin_v9'])
   with pytest.raises(SystemExit, match='unknown remat policy'):
     bench.main(['--preset=tiny', '--remat', '--remat_policy=save_everything_please'])
+  with pytest.raises(SystemExit, match='unknown attention'):
+    bench.main(['--preset=tiny', '--attention=flash'])
+
+
+def test_bounded_max_batch_search(bench):
+  """Doubling from the start, halving from a first failure, bisection, at most N tries."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  cfg = bench.make_model_config('tiny', 'float32', remat=True, attention='einsum')
+
+  def search(fits_up_to, start, tries, limit=256):
+    args = argparse.Namespace(preset='tiny', max_batch_limit=limit, max_batch_start=start,
+                              max_batch_tries=tries)
+    return bench.max_batch_search(args, cfg, (64, 64), try_batch=lambda b: b <= fits_up_to,
+                                  bytes_limit=1)
+
+  r = search(37, 16, 0)
+  assert (r['max_batch'], r['first_oom'], r['settled']) == (37, 38, True)
+  assert [b for b, _ in r['tried']][:3] == [16, 32, 64]
+  r = search(37, 16, 3)
+  assert (r['max_batch'], r['first_oom'], r['settled']) == (32, 64, False)
+  r = search(5, 16, 3)                      # the guess fails: halve, then bisect
+  assert r['tried'] == [(16, False), (8, False), (4, True)] and r['max_batch'] == 4
+  r = search(300, 128, 0)
+  assert r['max_batch'] == 256 and r['hit_limit']
+  assert bench.resolve_attention('sdpa', 'bfloat16', 'gpu') == 'cudnn'
+  assert bench.resolve_attention('sdpa', 'float32', 'gpu') == 'xla'
+  assert bench.resolve_attention('sdpa', 'bfloat16', 'cpu') == 'xla'
+  assert bench.resolve_attention('einsum', 'bfloat16', 'gpu') == 'einsum'
+  assert bench.default_peak_tflops('NVIDIA H200', 'bfloat16') == 790.0

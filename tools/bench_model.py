@@ -17,8 +17,12 @@ compilation) are excluded, each timed call ends with ``block_until_ready`` and t
 the official losses (``losses.total_loss``), gradients, the official AdamW update
 (``optim.make_optimizer``) and a donated state, as one XLA program.
 
-Other columns: FLOPs of the compiled program (XLA cost analysis) and MFU against ``--peak_tflops``
-(default from the device kind; none on CPU); the compiled program's own memory estimate
+Other columns: FLOPs per call from the analytic counter (``birefnet_jax.flops``: the model's convs,
+matmuls, window attention and deformable convs; a train step is 3x the train-mode forward), XLA's
+own count beside it (``xla GFLOP``: the compiled program's cost analysis, which counts a while
+loop's body once and so sees one kernel row of each deformable conv), and MFU from the analytic
+FLOPs against ``--peak_tflops`` (default: the device kind's measured peak, ``PEAK_TFLOPS``; none
+on CPU); the compiled program's own memory estimate
 (arguments + outputs - aliased + temporaries, per config and available on every backend) and the
 device's peak bytes in use (GPU/TPU only; a process-wide high-water mark, so run one config per
 process for a clean per-config figure).
@@ -29,6 +33,13 @@ may still be saved (``model.remat_policy``, a ``jax.checkpoint_policies`` name).
 ``--max_batch_search`` (GPU/TPU) finds the largest train batch that fits, by doubling then
 bisection, with and without remat. For the most memory, start with
 ``XLA_PYTHON_CLIENT_MEM_FRACTION=.95`` (the tool sets that default for the search).
+
+``--attention`` defaults to ``sdpa``: the path that matches the official model's fused
+``scaled_dot_product_attention`` (``SDPA_enabled``), i.e. cuDNN's fused attention on a GPU in
+bf16/fp16 and ``jax.nn.dot_product_attention`` (XLA) elsewhere; ``einsum`` is the reference path.
+
+``--jsonl FILE`` appends every row to FILE as one JSON line the moment it is measured (the
+official model's rows too), so that a run cut short keeps what it measured.
 
 ``--torch-official DIR`` also times the official PyTorch model built from DIR (random weights,
 same preset, resolution and batch): eager and ``torch.compile``, inference and a train step
@@ -64,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from birefnet_jax import flops as flops_lib
 from birefnet_jax import losses, optim
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.layers import checkpoint_policy
@@ -71,13 +83,18 @@ from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# Dense peak TFLOPS by device kind and compute dtype. float32 on NVIDIA GPUs runs matmuls and
-# convolutions as TF32 under JAX's default precision, hence the TF32 figure.
+# Peak TFLOP/s by device kind and compute dtype, for MFU. H200: measured on the lent machines (an
+# 8192^3 bf16 matmul through torch ran at 769-798 TFLOP/s, not the 989 of the data sheet); its
+# TF32 figure is half of that, as on the data sheet (not measured). float32 on NVIDIA GPUs runs
+# matmuls and convolutions as TF32 under JAX's default precision, hence the TF32 figure. Others:
+# data-sheet dense figures. --peak_tflops overrides.
 PEAK_TFLOPS = {
+    'h200': {'bfloat16': 790.0, 'float16': 790.0, 'float32': 395.0},
     'h100': {'bfloat16': 989.0, 'float16': 989.0, 'float32': 494.0},
-    'h200': {'bfloat16': 989.0, 'float16': 989.0, 'float32': 494.0},
     'a100': {'bfloat16': 312.0, 'float16': 312.0, 'float32': 156.0},
 }
+PEAK_SOURCE = {'h200': 'measured (bf16 matmul, 8192^3)', 'h100': 'data sheet',
+               'a100': 'data sheet'}
 
 # What the official model code uses at import, as (module, attribute): importing a package alone
 # can succeed lazily and fail later (huggingface_hub without its http client, torchvision whose
@@ -92,7 +109,8 @@ TABLE_COLUMNS = (
     ('dtype', 'dtype', '{}'), ('attention', 'attn', '{}'), ('remat', 'remat', '{}'),
     ('median_ms', 'ms', '{:.1f}'),
     ('images_per_s', 'img/s', '{:.2f}'), ('compile_s', 'compile s', '{:.1f}'),
-    ('gflops', 'GFLOP', '{:.1f}'), ('tflops_per_s', 'TFLOP/s', '{:.3g}'), ('mfu', 'MFU', '{:.1%}'),
+    ('gflops', 'GFLOP', '{:.1f}'), ('xla_gflops', 'xla GFLOP', '{:.1f}'),
+    ('tflops_per_s', 'TFLOP/s', '{:.3g}'), ('mfu', 'MFU', '{:.1%}'),
     ('compiled_mem_gib', 'XLA mem GiB', '{:.2f}'), ('peak_mem_gib', 'peak GiB', '{:.2f}'),
     ('status', 'status', '{}'),
 )
@@ -110,13 +128,54 @@ def tiny_model_config(dtype='float32'):
   return cfg
 
 
+def micro_model_config(dtype='float32'):
+  """'tiny' cut further for dry runs (tools/gpu_session.sh --dry-run): one Swin block per stage
+  and a single-scale input, the whole decoder kept; its train step compiles in well under a
+  minute on 2 CPU cores."""
+  cfg = tiny_model_config(dtype)
+  cfg.backbone = config_lib.swin_config(8, (1, 1, 1, 1), (1, 2, 4, 8), 7)
+  cfg.mul_scl_ipt = ''
+  return cfg
+
+
+SMALL_PRESETS = ('tiny', 'micro')
+
+
 def make_model_config(preset, dtype, remat=False, remat_policy='', attention='einsum'):
-  cfg = (tiny_model_config(dtype) if preset == 'tiny'
-         else config_lib.model_config(preset, dtype=dtype))
+  if preset == 'tiny':
+    cfg = tiny_model_config(dtype)
+  elif preset == 'micro':
+    cfg = micro_model_config(dtype)
+  else:
+    cfg = config_lib.model_config(preset, dtype=dtype)
+  if attention == 'sdpa' and cfg.backbone.family != 'swin':
+    attention = 'einsum'   # PVTv2 has one attention path
+  attention = resolve_attention(attention, dtype)
   cfg.remat = bool(remat)
   cfg.remat_policy = remat_policy if remat else ''
   cfg.attention = attention
   return cfg
+
+
+ATTENTION_CHOICES = ('sdpa',) + tuple(ATTENTION_IMPLEMENTATIONS)
+
+
+def resolve_attention(attention, dtype, platform=None):
+  """'sdpa' (as the official fused SDPA) -> 'cudnn' on a GPU in bf16/fp16, else 'xla'; other
+  names unchanged."""
+  if attention != 'sdpa':
+    return attention
+  if platform is None:
+    platform = jax.devices()[0].platform
+  return 'cudnn' if platform == 'gpu' and dtype in ('bfloat16', 'float16') else 'xla'
+
+
+def model_flops(cfg, mode, size, batch):
+  """Analytic FLOPs of one call: a forward of ``batch`` images, or a train step (3x the
+  train-mode forward)."""
+  if mode == 'train':
+    return flops_lib.train_step_flops(cfg, size, batch)
+  return flops_lib.forward_flops(cfg, size, batch)
 
 
 def parse_size(text):
@@ -142,7 +201,8 @@ def build_parser():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--preset', default='swin_v1_l',
-                 help="backbone preset (swin_v1_l/b/s/t, pvt_v2_b0/b1/b2/b5) or 'tiny'")
+                 help="backbone preset (swin_v1_l/b/s/t, pvt_v2_b0/b1/b2/b5), or 'tiny' / "
+                 "'micro' (CPU smoke runs)")
   p.add_argument('--sizes', default='1024', help='comma list of N or HxW (multiples of 32)')
   p.add_argument('--batch_sizes', default='1', help='comma list of batch sizes')
   p.add_argument('--dtypes', default='float32,bfloat16',
@@ -153,18 +213,40 @@ def build_parser():
                  'compiles)')
   p.add_argument('--remat', action='store_true', help='also time the train step with the '
                  'backbone and decoder blocks rematerialized (model.remat)')
+  p.add_argument('--skip_timed_rows', action='store_true',
+                 help='no timed JAX rows (e.g. only --max_batch_search)')
   p.add_argument('--remat_policy', default='',
                  help="what remat may still save: a jax.checkpoint_policies name (default '': "
                  'nothing; dots_saveable, dots_with_no_batch_dims_saveable, ...)')
-  p.add_argument('--attention', default='einsum',
-                 help="comma list of Swin window-attention paths: einsum (default), xla "
-                 "(jax.nn.dot_product_attention), cudnn (its fused cuDNN kernel; GPU, bf16/fp16)")
+  p.add_argument('--attention', default='sdpa',
+                 help="comma list of Swin window-attention paths: sdpa (default: as the official "
+                 "fused SDPA, i.e. cudnn on a GPU in bf16/fp16, else xla), einsum (the reference), "
+                 "xla (jax.nn.dot_product_attention), cudnn (its fused cuDNN kernel; GPU, "
+                 "bf16/fp16)")
   p.add_argument('--peak_tflops', type=float, default=None,
-                 help='device peak for MFU; default from the device kind (H100/H200: 989 bf16, '
-                 '494 tf32; A100: 312 / 156); none on CPU')
+                 help='device peak for MFU; default from the device kind (H200: 790 bf16 '
+                 'measured, 395 tf32; H100: 989 / 494; A100: 312 / 156); none on CPU')
   p.add_argument('--max_batch_search', action='store_true',
                  help='find the largest train batch that fits (GPU/TPU; with and without remat)')
   p.add_argument('--max_batch_limit', type=int, default=256, help='upper bound of the search')
+  p.add_argument('--max_batch_tries', type=int, default=0,
+                 help='at most this many compiles per search (0: no bound); the result is then '
+                 'a range when the search stops early')
+  p.add_argument('--max_batch_start', type=int, default=1, help='first batch the search tries')
+  p.add_argument('--max_batch_remat', default='both', choices=('both', 'on', 'off'),
+                 help='search with remat on, off or both')
+  p.add_argument('--max_batch_cpu_bytes', type=int, default=0,
+                 help="dry runs: run the search on CPU against this many bytes (XLA's memory "
+                 'estimate of each compiled step)')
+  p.add_argument('--jsonl', default='', help='append each row to this file as one JSON line as '
+                 'soon as it is measured')
+  p.add_argument('--official_preset', default='',
+                 help='preset of the official model rows (default: --preset; the official code '
+                 "has no 'tiny')")
+  p.add_argument('--torch_deform_standin', action='store_true',
+                 help="where torchvision's deform_conv2d cannot run (CPU torch with a CUDA "
+                 'torchvision, or none), give the official model the pure-torch DCN of '
+                 'tests/torch_reference.py (dry runs; its rows say so)')
   p.add_argument('--torch-official', '--torch_official', dest='torch_official', default='',
                  help='checkout of the official BiRefNet repo to time side by side')
   p.add_argument('--torch_modes', default='eager,compile', help='eager and/or compile')
@@ -194,6 +276,36 @@ def default_peak_tflops(device_kind, dtype):
     if name in kind:
       return table.get(dtype)
   return None
+
+
+def peak_source(device_kind):
+  kind = device_kind.lower()
+  return next((src for name, src in PEAK_SOURCE.items() if name in kind), None)
+
+
+class RowWriter:
+  """Prints a one-line summary of each row as it is measured and appends it to ``path`` (one
+  JSON line, flushed) when a path is given."""
+
+  def __init__(self, path=''):
+    self.path = path
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def __call__(self, row):
+    if os.environ.get('BENCH_MODEL_STEP'):
+      row.setdefault('step', os.environ['BENCH_MODEL_STEP'])
+    ms = row.get('median_ms')
+    mfu = row.get('mfu')
+    print(f"  {row.get('impl')} {row.get('mode', '')} {row.get('size', '')} "
+          f"B={row.get('batch', '')} {row.get('dtype', '')} {row.get('attention', '-')} "
+          f"remat={row.get('remat', '-')}: "
+          + (f'{ms:.1f} ms' if ms is not None else '-')
+          + (f', MFU {mfu:.1%}' if mfu else '') + f" ({row.get('status')})", flush=True)
+    if self.path:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row, default=str) + '\n')
+        f.flush()
 
 
 def device_peak_bytes():
@@ -340,16 +452,25 @@ def train_step_and_state(model, variables, batch):
   return make_train_step(model, tx), state
 
 
-def _finish_row(row, times, flops, mem, peak_tflops):
+def _set_throughput(row, flops, peak_tflops):
+  """gflops / tflops_per_s / mfu of a timed row from its analytic ``flops`` per call."""
+  if not flops or not row.get('median_ms'):
+    return
+  row['gflops'] = flops / 1e9
+  row['tflops_per_s'] = flops / (row['median_ms'] / 1e3) / 1e12
+  if peak_tflops:
+    row['mfu'] = row['tflops_per_s'] / peak_tflops
+    row['peak_tflops'] = peak_tflops
+
+
+def _finish_row(row, times, flops, mem, peak_tflops, xla_flops=None):
   median = statistics.median(times)
   row.update(median_ms=median * 1e3, min_ms=min(times) * 1e3,
              images_per_s=row['batch'] / median,
              compiled_mem_gib=None if mem is None else mem / 2**30)
-  if flops:
-    row['gflops'] = flops / 1e9
-    row['tflops_per_s'] = flops / median / 1e12
-    if peak_tflops:
-      row['mfu'] = row['tflops_per_s'] / peak_tflops
+  if xla_flops:
+    row['xla_gflops'] = xla_flops / 1e9
+  _set_throughput(row, flops, peak_tflops)
   peak = device_peak_bytes()
   row['peak_mem_gib'] = None if peak is None else peak / 2**30
   return row
@@ -385,14 +506,15 @@ def bench_jax(args, cfg, mode, size, batch, peak_tflops=None):
         return loss
 
     row['compile_s'] = time.perf_counter() - start
-    flops, mem = compiled_costs(compiled, lowered)
+    xla_flops, mem = compiled_costs(compiled, lowered)
     times = _time_calls(call, args.warmup, args.repeats)
     if mode == 'train':
       loss = float(call())
       row['loss'] = loss
       if not math.isfinite(loss):
         row['status'] = 'non-finite loss'
-    return _finish_row(row, times, flops, mem, peak_tflops)
+    return _finish_row(row, times, model_flops(cfg, mode, size, batch), mem, peak_tflops,
+                       xla_flops)
   except Exception as e:  # pylint: disable=broad-except
     row['status'] = ('OOM' if is_oom(e) else 'error') + f': {type(e).__name__}: {str(e)[:300]}'
     return row
@@ -424,35 +546,46 @@ def _try_train_batch(args, cfg, size, batch, bytes_limit):
     gc.collect()
 
 
-def max_batch_search(args, cfg, size):
-  """Largest train batch of the model ``cfg`` that fits: doubling from 1, then bisection."""
+def next_search_batch(good, bad, last, limit):
+  """The next batch of the max-batch search, or None when it is settled: double from the last
+  batch that fit until one fails, halve from a first failure, then bisect."""
+  if bad is None:
+    nxt = last * 2
+    return nxt if nxt <= limit else None
+  if good == 0:
+    return bad // 2 if bad > 1 else None
+  return (good + bad) // 2 if bad - good > 1 else None
+
+
+def max_batch_search(args, cfg, size, try_batch=None, bytes_limit=None):
+  """Largest train batch of the model ``cfg`` that fits: doubling from ``--max_batch_start``
+  (halving if that fails), then bisection; at most ``--max_batch_tries`` compiles when set.
+  ``max_batch`` is the largest batch seen to fit (0: none) and ``first_oom`` the smallest that
+  did not (None: none failed)."""
   remat = bool(cfg.remat)
-  bytes_limit = device_bytes_limit()
+  if bytes_limit is None:
+    bytes_limit = device_bytes_limit()
+  if try_batch is None:
+    try_batch = lambda b: _try_train_batch(args, cfg, size, b, bytes_limit)
   good, bad = 0, None
-  batch = 1
+  batch = max(1, min(getattr(args, 'max_batch_start', 1), args.max_batch_limit))
+  tries = getattr(args, 'max_batch_tries', 0) or None
   tried = []
-  while batch <= args.max_batch_limit:
-    ok = _try_train_batch(args, cfg, size, batch, bytes_limit)
+  while batch is not None and (tries is None or len(tried) < tries):
+    start = time.perf_counter()
+    ok = try_batch(batch)
     tried.append((batch, ok))
-    print(f'  max batch search (remat={remat}): batch {batch}: {"fits" if ok else "OOM"}',
-          flush=True)
-    if not ok:
-      bad = batch
-      break
-    good = batch
-    batch *= 2
-  while bad is not None and bad - good > 1:
-    mid = (good + bad) // 2
-    ok = _try_train_batch(args, cfg, size, mid, bytes_limit)
-    tried.append((mid, ok))
-    print(f'  max batch search (remat={remat}): batch {mid}: {"fits" if ok else "OOM"}',
-          flush=True)
+    print(f'  max batch search (remat={remat}): batch {batch}: {"fits" if ok else "OOM"} '
+          f'({time.perf_counter() - start:.0f} s)', flush=True)
     if ok:
-      good = mid
+      good = batch
     else:
-      bad = mid
+      bad = batch
+    batch = next_search_batch(good, bad, batch, args.max_batch_limit)
+  settled = batch is None
   return dict(preset=args.preset, size=f'{size[0]}x{size[1]}', dtype=cfg.dtype, remat=remat,
-              max_batch=good, hit_limit=bad is None, tried=tried)
+              max_batch=good, first_oom=bad, settled=settled,
+              hit_limit=bad is None and settled, tried=tried)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,9 +614,9 @@ def load_official(official_dir, preset):
     if not os.path.isfile(os.path.join(official_dir, f)):
       raise OfficialUnavailable(f'{official_dir} is not a checkout of the official BiRefNet repo '
                                 f'({f} is missing)')
-  if preset == 'tiny':
-    raise OfficialUnavailable("--torch-official needs an official preset, not 'tiny' (the "
-                              'official decoder widths are literals)')
+  if preset in SMALL_PRESETS:
+    raise OfficialUnavailable(f"--torch-official needs an official preset, not {preset!r} (the "
+                              'official decoder widths are literals; see --official_preset)')
   try:
     import torch  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
@@ -565,15 +698,99 @@ def official_train_step(torch, model, optimizer, loss_module, scaler, autocast_c
   return step
 
 
-def bench_torch_rows(args, sizes, batches, dtypes, modes):
-  """Rows for the official model; one 'skipped'/'error' row when it cannot run."""
-  rows = []
+class _StubName(type):
+  """A stand-in class whose every attribute is another stand-in (``InterpolationMode.BILINEAR``)."""
+
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return _StubName(name, (), {})
+
+
+def _install_torchvision_stub(deform_conv2d):
+  """Stand-in ``torchvision`` modules (any submodule, any name) with the pure-torch
+  ``deform_conv2d``, for dry runs where torchvision cannot be imported at all."""
+  import importlib.abc  # pylint: disable=import-outside-toplevel
+  import importlib.machinery  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  class StubModule(types.ModuleType):
+
+    def __getattr__(self, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return _StubName(name, (torch.nn.Module,), {})
+
+  class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+
+    def find_spec(self, fullname, path=None, target=None):
+      del path, target
+      if fullname == 'torchvision' or fullname.startswith('torchvision.'):
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+      return None
+
+    def create_module(self, spec):
+      module = StubModule(spec.name)
+      module.__path__ = []
+      return module
+
+    def exec_module(self, module):
+      if module.__name__ == 'torchvision.ops':
+        module.deform_conv2d = deform_conv2d
+
+  for name in [n for n in sys.modules if n == 'torchvision' or n.startswith('torchvision.')]:
+    del sys.modules[name]
+  sys.meta_path.insert(0, Finder())
+
+
+def install_deform_standin():
+  """Where torchvision's ``deform_conv2d`` cannot run, puts the pure-torch DCN of
+  tests/torch_reference.py in its place (before the official code imports it). Returns None if
+  torchvision's op runs, else a note for the rows."""
+  import torch  # pylint: disable=import-outside-toplevel
   try:
-    birefnet_cls, loss_module = load_official(args.torch_official, args.preset)
+    from torchvision.ops import deform_conv2d  # pylint: disable=import-outside-toplevel
+    deform_conv2d(torch.zeros(1, 1, 3, 3), torch.zeros(1, 2, 3, 3), torch.zeros(1, 1, 1, 1),
+                  mask=torch.ones(1, 1, 3, 3))
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    why = f'{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""}'
+  sys.path.insert(0, os.path.join(os.path.dirname(TOOLS_DIR), 'tests'))
+  from torch_reference import deform_conv2d  # pylint: disable=import-outside-toplevel
+  try:
+    import torchvision.ops  # pylint: disable=import-outside-toplevel
+    torchvision.ops.deform_conv2d = deform_conv2d
+  except Exception:  # pylint: disable=broad-except
+    # torchvision does not even import (its CUDA build's ops against a CPU torch): the official
+    # code needs only deform_conv2d from it (the VGG / ResNet constructors are never called for
+    # Swin/PVT); timm imports more names at import time. Stand-in modules give those names.
+    _install_torchvision_stub(deform_conv2d)
+    why += '; torchvision replaced by stand-in modules'
+  return f"stand-in deform op (pure torch; torchvision's does not run: {why})"
+
+
+def bench_torch_rows(args, sizes, batches, dtypes, modes, on_row=None, peak_for=None):
+  """Rows for the official model; one 'skipped'/'error' row when it cannot run. ``on_row`` is
+  called with each row as soon as it is measured."""
+  rows = []
+  on_row = on_row or (lambda row: None)
+  preset = getattr(args, 'official_preset', '') or args.preset
+  standin = None
+  if getattr(args, 'torch_deform_standin', False):
+    try:
+      standin = install_deform_standin()
+    except Exception as e:  # pylint: disable=broad-except
+      standin = None
+      print(f'torch-official: no deform stand-in: {type(e).__name__}: {e}', file=sys.stderr)
+  try:
+    birefnet_cls, loss_module = load_official(args.torch_official, preset)
   except OfficialUnavailable as e:
     msg = f'torch-official unavailable: {e}'
     print(msg, file=sys.stderr)
-    return [dict(impl='torch-official', preset=args.preset, status=f'skipped: {e}')]
+    row = dict(impl='torch-official', preset=preset, status=f'skipped: {e}')
+    on_row(row)
+    return [row]
   import torch  # pylint: disable=import-outside-toplevel
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   # As the official train.py / inference.py (precisionHigh): TF32 matmuls in float32, like
@@ -585,22 +802,29 @@ def bench_torch_rows(args, sizes, batches, dtypes, modes):
       for dtype in dtypes:
         for torch_mode in torch_modes:
           for mode in modes:
-            row = dict(impl=f'torch-{torch_mode}', preset=args.preset, mode=mode,
+            row = dict(impl=f'torch-{torch_mode}', preset=preset, mode=mode,
                        size=f'{size[0]}x{size[1]}', batch=batch, dtype=dtype,
-                       remat='-', status='ok')
+                       attention='sdpa (official)', remat='-', status='ok')
             rows.append(row)
             if device.type == 'cpu' and dtype != 'float32':
               row['status'] = 'skipped: autocast only timed on CUDA (CPU: float32)'
+              on_row(row)
               continue
             if mode == 'train' and batch == 1:
               # Config.batch_size (8) decides at import whether the official decoder has
               # BatchNorm; torch cannot train BatchNorm2d on the 1x1 ASPP pool of one image.
               row['status'] = ('skipped: the official BatchNorm2d on the 1x1 ASPP pool cannot '
                                'train on one image')
+              on_row(row)
               continue
             try:
               _bench_torch_one(torch, device, birefnet_cls, loss_module, row, size, batch, dtype,
                                torch_mode, mode, args)
+              if standin:
+                row['status'] = f'ok ({standin})'
+              cfg = config_lib.model_config(preset)
+              _set_throughput(row, model_flops(cfg, mode, size, batch),
+                              peak_for(dtype) if peak_for else None)
             except Exception as e:  # pylint: disable=broad-except
               oom = 'out of memory' in str(e).lower()
               row['status'] = (('OOM' if oom else 'error')
@@ -611,6 +835,7 @@ def bench_torch_rows(args, sizes, batches, dtypes, modes):
               gc.collect()
               if device.type == 'cuda':
                 torch.cuda.empty_cache()
+            on_row(row)
   return rows
 
 
@@ -667,29 +892,14 @@ def _bench_torch_one(torch, device, birefnet_cls, loss_module, row, size, batch,
     row['peak_mem_gib'] = torch.cuda.max_memory_allocated() / 2**30
 
 
-def _attach_torch_flops(rows, peak_for_dtype):
-  """Official rows get the JAX program's FLOPs of the same (mode, size, batch, dtype)."""
-  flops = {(r['mode'], r['size'], r['batch'], r['dtype']): r['gflops'] for r in rows
-           if r.get('impl') == 'jax' and r.get('gflops') and r.get('remat') in ('-', False)}
-  for r in rows:
-    if r.get('impl', '').startswith('torch') and r.get('median_ms'):
-      g = flops.get((r['mode'], r['size'], r['batch'], r['dtype']))
-      if g:
-        r['gflops'] = g
-        r['tflops_per_s'] = g / 1e3 / (r['median_ms'] / 1e3)
-        peak = peak_for_dtype(r['dtype'])
-        if peak:
-          r['mfu'] = r['tflops_per_s'] / peak
-
-
 # ----------------------------------------------------------------------------------------------
 # Deformable convolution micro-benchmark (another tool)
 
 
 def deform_conv_rows(args, sizes, cfg):
-  """Rows of tools/bench_deform_conv.py: its ``benchmark_rows()`` when it has one, else its
-  ``jax_timings`` on one 3x3 deformable conv of the decoder's shape (ASPPDeformable at H/8 x W/8,
-  dec_inter_channels -> aspp_planes), batch 1, float32, next to a plain conv of that shape."""
+  """Rows of tools/bench_deform_conv.py's ``benchmark_rows()`` for the decoder's largest
+  ASPPDeformable (decoder_block1 at H/4 x W/4 of the first size, dec_inter_channels ->
+  aspp_planes, k = 1, 3, 7), batch 1, float32, next to a plain conv of that shape."""
   path = os.path.join(TOOLS_DIR, 'bench_deform_conv.py')
   if not os.path.isfile(path):
     return [], 'tools/bench_deform_conv.py not present'
@@ -699,36 +909,18 @@ def deform_conv_rows(args, sizes, cfg):
     spec.loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except
     return [], f'importing tools/bench_deform_conv.py failed: {type(e).__name__}: {e}'
-  rows = []
+  if not callable(getattr(module, 'benchmark_rows', None)):
+    return [], 'tools/bench_deform_conv.py has no benchmark_rows()'
   try:
-    if callable(getattr(module, 'benchmark_rows', None)):
-      for r in module.benchmark_rows():
-        r = dict(r)
-        r.setdefault('impl', 'deform_conv')
-        r.setdefault('status', 'ok')
-        rows.append(r)
-      return rows, None
-    if not callable(getattr(module, 'jax_timings', None)):
-      return [], 'tools/bench_deform_conv.py exposes neither benchmark_rows() nor jax_timings()'
-    rng = np.random.default_rng(args.seed)
-    c, o, k = int(cfg.dec_inter_channels), int(cfg.aspp_planes), 3
-    for size in sizes[:1]:
-      h, w = size[0] // 8, size[1] // 8
-      x = jnp.asarray(rng.standard_normal((1, h, w, c)), jnp.float32)
-      offset = jnp.asarray(rng.normal(scale=2.0, size=(1, h, w, 2 * k * k)), jnp.float32)
-      mask = jnp.asarray(rng.uniform(0, 2, size=(1, h, w, k * k)), jnp.float32)
-      kernel = jnp.asarray(rng.normal(scale=(k * k * c) ** -0.5, size=(k, k, c, o)), jnp.float32)
-      probe = jnp.asarray(rng.standard_normal((1, h, w, o)), jnp.float32)
-      t = module.jax_timings(x, offset, mask, kernel, probe, k // 2, args.repeats)
-      shape = f'{h}x{w}'
-      for mode, deform, plain in (('fwd', t['deform_fwd'], t['conv_fwd']),
-                                  ('fwd+bwd', t['deform_fwd_bwd'], t['conv_fwd_bwd'])):
-        rows.append(dict(impl=f'jax-deform{k}x{k} {c}->{o}', mode=mode, size=shape, batch=1,
-                         dtype='float32', remat='-', median_ms=deform,
-                         status=f'ok (plain conv: {plain:.2f} ms, x{deform / plain:.1f})'))
-    return rows, None
+    rows = module.benchmark_rows(sizes=(sizes[0][0] // 4,), channels=int(cfg.dec_inter_channels),
+                                 out=int(cfg.aspp_planes), kernels=(1, 3, 7),
+                                 dtypes=('float32',), repeats=args.repeats, seed=args.seed)
   except Exception as e:  # pylint: disable=broad-except
-    return rows, f'bench_deform_conv failed: {type(e).__name__}: {e}'
+    return [], f'bench_deform_conv failed: {type(e).__name__}: {e}'
+  for r in rows:
+    r['impl'] = f"{r['impl']}{r['kernel']}x{r['kernel']} {r['channels']}"
+    r['remat'] = '-'
+  return rows, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,16 +964,16 @@ def main(argv=None):
   modes = csv(args.modes)
   attentions = csv(args.attention)
   for a in attentions:
-    if a not in ATTENTION_IMPLEMENTATIONS:
+    if a not in ATTENTION_CHOICES:
       raise SystemExit(f'bench_model: unknown attention {a!r} in --attention '
-                       f'{ATTENTION_IMPLEMENTATIONS}')
+                       f'{ATTENTION_CHOICES}')
   for d in dtypes:
     if d not in ('float32', 'bfloat16', 'float16'):
       raise SystemExit(f'bench_model: unknown dtype {d!r} in --dtypes')
   for m in modes:
     if m not in ('infer', 'train'):
       raise SystemExit(f'bench_model: unknown mode {m!r} in --modes (infer, train)')
-  if args.preset != 'tiny':
+  if args.preset not in SMALL_PRESETS:
     config_lib.backbone_config(args.preset)  # fails early on an unknown preset
   try:
     checkpoint_policy(args.remat_policy)
@@ -791,10 +983,29 @@ def main(argv=None):
     # Before JAX starts its backend: let the search use nearly all of the device memory.
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
 
+  if args.official_preset and args.official_preset not in SMALL_PRESETS:
+    config_lib.backbone_config(args.official_preset)
+
   rows = []
   notes = []
+  emit = RowWriter(args.jsonl)
+
+  def torch_peak_for(dtype):
+    """Peak for the official rows, from torch's device name (asking JAX would start its
+    backend, which preallocates most of the GPU memory before torch has run)."""
+    if args.peak_tflops:
+      return args.peak_tflops
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+      if torch.cuda.is_available():
+        return default_peak_tflops(torch.cuda.get_device_name(0), dtype)
+    except ImportError:
+      pass
+    return None
+
   # The official model first, before JAX preallocates most of the GPU memory.
-  torch_rows = (bench_torch_rows(args, sizes, batches, dtypes, modes)
+  torch_rows = (bench_torch_rows(args, sizes, batches, dtypes, modes, on_row=emit,
+                                 peak_for=torch_peak_for)
                 if args.torch_official else [])
   if args.torch_official:
     try:
@@ -818,32 +1029,53 @@ def main(argv=None):
       for dtype in dtypes:
         for attention in attentions:
           for mode in modes:
+            if args.skip_timed_rows:
+              continue
             for remat in ((False, True) if mode == 'train' and args.remat else (False,)):
               cfg = make_model_config(args.preset, dtype, remat, args.remat_policy, attention)
               row = bench_jax(args, cfg, mode, size, batch, peak_for(dtype))
+              if attention != row['attention']:
+                row['attention'] = f"{attention}->{row['attention']}"
               rows.append(row)
-              print(f"  {row['impl']} {mode} {row['size']} B={batch} {dtype} {attention} "
-                    f"remat={row['remat']}: {row.get('median_ms', float('nan')):.1f} ms "
-                    f"({row['status']})", flush=True)
+              emit(row)
   rows.extend(torch_rows)
-  _attach_torch_flops(rows, peak_for)
 
   if not args.no_deform_conv:
     dc_rows, why = deform_conv_rows(args, sizes, make_model_config(args.preset, 'float32'))
     rows.extend(dc_rows)
+    for r in dc_rows:
+      emit(r)
     if why:
       notes.append(f'deform conv rows skipped: {why}')
 
   max_batch = []
   if args.max_batch_search:
-    if info['platform'] == 'cpu':
+    cpu_limit = args.max_batch_cpu_bytes
+    if info['platform'] == 'cpu' and not cpu_limit:
       notes.append('max batch search skipped: it needs a GPU/TPU (no device memory limit on CPU)')
     else:
+      bytes_limit = None
+      if info['platform'] == 'cpu':
+        # Dry runs: the search's code path on CPU against a made-up limit, judged by XLA's
+        # memory estimate of each compiled step.
+        bytes_limit = int(cpu_limit)
+        notes.append(f'max batch search on CPU against --max_batch_cpu_bytes={cpu_limit} '
+                     "(XLA's memory estimate)")
+      remats = {'both': (False, True), 'on': (True,), 'off': (False,)}[args.max_batch_remat]
       for size in sizes:
         for dtype in dtypes:
-          for remat in (False, True):
+          for remat in remats:
             cfg = make_model_config(args.preset, dtype, remat, args.remat_policy, attentions[0])
-            max_batch.append(max_batch_search(args, cfg, size))
+            found = max_batch_search(args, cfg, size, bytes_limit=bytes_limit)
+            max_batch.append(found)
+            emit(dict(impl='jax', preset=args.preset, mode='max_batch', size=found['size'],
+                      batch=found['max_batch'], dtype=dtype, attention=cfg.attention,
+                      remat=remat, first_oom=found['first_oom'], tried=found['tried'],
+                      status=('ok' if found['settled'] else
+                              f"ok (stopped after {len(found['tried'])} compiles: fits "
+                              f"{found['max_batch']}, " + (
+                                  f"OOM at {found['first_oom']})" if found['first_oom']
+                                  else 'no OOM seen)'))))
 
   print()
   print(f"BiRefNet {args.preset} on {info['device_kind']} ({info['platform']}), jax "
@@ -852,11 +1084,17 @@ def main(argv=None):
     print(f"XLA_FLAGS={info['xla_flags']}")
   print(format_table(rows))
   for r in max_batch:
+    bound = '' if r['settled'] else f" (search stopped; OOM at {r['first_oom']})"
     print(f"max train batch {r['preset']} {r['size']} {r['dtype']} remat={r['remat']}: "
-          f"{r['max_batch']}{' (search limit reached)' if r['hit_limit'] else ''}")
+          f"{r['max_batch']}{' (search limit reached)' if r['hit_limit'] else ''}{bound}")
   peak_default = peak_for('bfloat16')
   if not peak_default:
     notes.append('MFU n/a: no peak TFLOPS known for this device (give --peak_tflops)')
+  else:
+    source = 'given' if args.peak_tflops else peak_source(info['device_kind'])
+    notes.append(f'MFU: analytic FLOPs (birefnet_jax.flops) / peak {peak_default:g} TFLOP/s '
+                 f'bf16 ({source}); "xla GFLOP" is XLA\'s own count (deformable convs '
+                 'undercounted)')
   if info['platform'] == 'cpu':
     notes.append('peak device memory n/a on CPU; "XLA mem" is the compiled program\'s estimate')
   if args.fast_compile:

@@ -1,0 +1,151 @@
+"""birefnet_jax.flops against XLA's own count where XLA counts right (no loops), and the figures
+the GPU session relies on (SwinL at 1024² ~2.5 TFLOP per image).
+
+XLA's cost analysis of a convolution counts only the taps that fall inside the unpadded input
+(a 3x3 conv with padding 1 on 32² counts (94/96)² of the taps); the analytic counter counts every
+tap, as the hardware computes them. The tests correct for that explicitly. XLA's count of a
+``lax.scan`` is its body once: the deformable conv (one scan step per kernel row) is undercounted
+by XLA, which is why the counter exists.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from birefnet_jax import flops
+from birefnet_jax.models import config as config_lib
+from birefnet_jax.models import layers
+from birefnet_jax.models.deform_conv import DeformableConv2d
+from birefnet_jax.models.swin import WindowAttention
+
+
+def xla_flops(module, *inputs):
+  """XLA's count for ``module.apply`` (the lowered program: no compile needed)."""
+  shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a), *inputs)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  lowered = jax.jit(lambda v, *a: module.apply(v, *a)).lower(variables, *inputs)
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost['flops'])
+
+
+def valid_taps(size, k, padding, stride=1):
+  """Taps of a 1-D conv that read inside the input (what XLA counts), summed over outputs."""
+  out = (size + 2 * padding - k) // stride + 1
+  return sum(sum(1 for t in range(k) if 0 <= o * stride - padding + t < size) for o in range(out))
+
+
+@pytest.mark.parametrize('k,stride,padding', [(3, 1, 1), (4, 4, 0), (7, 4, 3), (1, 1, 0)])
+def test_conv_matches_xla(k, stride, padding):
+  h, w, c_in, c_out = 32, 24, 16, 24
+  fc = flops.FlopCount()
+  ho, wo = flops.conv(fc, 'p', (h, w), c_in, c_out, k, stride=stride, padding=padding)
+  x = jnp.ones((1, h, w, c_in))
+  module = layers.conv(c_out, k, stride=stride, padding=padding, use_bias=False)
+  expected_xla = 2 * valid_taps(h, k, padding, stride) * valid_taps(w, k, padding, stride) \
+      * c_in * c_out
+  assert xla_flops(module, x) == expected_xla
+  assert fc.total == 2 * ho * wo * k * k * c_in * c_out
+  if padding == 0:
+    assert fc.total == expected_xla
+
+
+def test_grouped_conv_and_dense_match_xla():
+  x = jnp.ones((1, 16, 16, 32))
+  fc = flops.FlopCount()
+  flops.conv(fc, 'p', (16, 16), 32, 32, 3, padding=1, groups=32)
+  xla = xla_flops(layers.conv(32, 3, padding=1, groups=32, use_bias=False), x)
+  assert xla == fc.total * valid_taps(16, 3, 1) ** 2 // 48**2
+  fc = flops.FlopCount()
+  flops.dense(fc, 'p', 16 * 16, 32, 40)
+  assert xla_flops(nn.Dense(40, use_bias=False), x) == fc.total
+
+
+def test_window_attention_matches_xla():
+  """qkv, Q K^T, P V and proj of Swin's WindowAttention; XLA adds the softmax and the biases
+  (~2 % here)."""
+  dim, heads, win, windows = 64, 2, 7, 4
+  n = win * win
+  x = jnp.ones((1, windows, n, dim))
+  fc = flops.FlopCount()
+  tokens = windows * n
+  flops.dense(fc, 'a', tokens, dim, 3 * dim)
+  fc.add('a', 'attention', 4 * tokens * n * dim)
+  flops.dense(fc, 'a', tokens, dim, dim)
+  xla = xla_flops(WindowAttention(dim, heads, win), x)
+  assert fc.total <= xla <= 1.05 * fc.total, (xla, fc.total)
+
+
+def test_swin_backbone_counts_what_xla_counts():
+  """The whole Swin backbone (no loops): XLA's count is the analytic one plus elementwise work
+  (LayerNorm, softmax, GELU, biases), which is large at this toy width (embed_dim 16)."""
+  from birefnet_jax.models.swin import SwinTransformer  # pylint: disable=import-outside-toplevel
+  bb = config_lib.swin_config(16, (2, 2, 2, 2), (1, 2, 4, 8), 7)
+  fc = flops.FlopCount()
+  flops.swin(fc, 'b', bb, (64, 64))
+  module = SwinTransformer(bb.embed_dim, bb.depths, bb.num_heads, bb.window_size)
+  xla = xla_flops(module, jnp.ones((1, 64, 64, 3)))
+  assert fc.total < xla < 1.3 * fc.total, (xla, fc.total)
+
+
+def test_deformable_conv_xla_undercounts_the_scan():
+  """k = 1: one scan step, XLA sees it all (plus the elementwise sampling weights). k = 3: XLA
+  counts one kernel row of three in the sampling and the matmul; the analytic count does not."""
+  h = w = 32
+  c_in, c_out = 16, 24
+  x = jnp.ones((1, h, w, c_in))
+  for k in (1, 3):
+    fc = flops.FlopCount()
+    flops.deformable_conv(fc, 'd', (h, w), c_in, c_out, k)
+    kinds = fc.by_kind()
+    xla = xla_flops(DeformableConv2d(c_out, k), x)
+    pad_fraction = (valid_taps(h, k, k // 2) / (h * k)) ** 2   # the offset/modulator convs
+    xla_view = (kinds['conv'] * pad_fraction
+                + (kinds['deform_matmul'] + kinds['deform_sampling']) / k)  # one row of k
+    assert xla_view <= xla <= 1.2 * xla_view, (k, xla, xla_view)
+    if k > 1:
+      assert xla < 0.75 * fc.total, (xla, fc.total)
+
+
+def test_tiny_model_parts_and_xla():
+  """The tool's tiny BiRefNet: every part is counted and XLA's count (scan bodies once) is
+  below the analytic one."""
+  from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.model_config('swin_v1_t', aspp_planes=16, dec_inter_channels=8,
+                                ipt_inter_channels=6)
+  cfg.backbone = config_lib.swin_config(8, (2, 2, 2, 2), (1, 2, 4, 8), 7)
+  fc = flops.count(cfg, (64, 64))
+  parts = fc.by_part()
+  assert set(parts) == {'backbone', 'backbone_half', 'squeeze', 'inref', 'lateral', 'outref',
+                        'decoder_block4', 'decoder_block3', 'decoder_block2', 'decoder_block1'}
+  assert all(v > 0 for v in parts.values())
+  model = BiRefNet(cfg)
+  images = jnp.ones((1, 64, 64, 3))
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  assert 0.5 * fc.total < float(cost['flops']) < fc.total
+  # Train mode adds the multi-stage heads and OutRef predictions; a step is 3x its forward.
+  train = flops.count(cfg, (64, 64), train=True).total
+  assert train > fc.total
+  assert flops.train_step_flops(cfg, (64, 64), batch=2) == 6 * train
+
+
+def test_swin_l_1024_is_about_2_5_tflop():
+  cfg = config_lib.model_config('swin_v1_l')
+  fc = flops.count(cfg, 1024)
+  assert 2.4e12 < fc.total < 2.7e12, fc.total
+  kinds = fc.by_kind()
+  # The 7x7 deformable conv of the 256² stage alone: 2 * 256² * 49 * 64 * 256 (~105 GFLOP).
+  assert kinds['deform_matmul'] > 105e9
+  assert kinds['attention'] > 50e9
+  assert flops.forward_flops(cfg, 1024, batch=4) == 4 * fc.total
+  # Every preset at a non-square size counts (and scales roughly with the pixels).
+  for preset in list(config_lib.SWIN_PRESETS) + list(config_lib.PVT_PRESETS):
+    c = config_lib.model_config(preset)
+    small, big = flops.count(c, (512, 384)).total, flops.count(c, (1024, 768)).total
+    assert 3.5 * small < big < 5 * small, preset
