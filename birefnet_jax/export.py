@@ -24,10 +24,9 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from birefnet_jax import model_loading
-from birefnet_jax import predict
+from birefnet_jax import inference
 from birefnet_jax import writing
-from birefnet_jax.errors import UserError, exits_on_user_error
+from birefnet_jax.errors import exits_on_user_error
 
 
 def inference_function(model, variables):
@@ -42,7 +41,7 @@ def export_model(model, variables, *, height: int = 1024, width: int = 1024,
                  batch_size: Optional[int] = 1, dtype: Optional[str] = None,
                  platforms: Optional[Sequence[str]] = None) -> jax.export.Exported:
   """The ``jax.export.Exported`` inference function; ``batch_size=None`` makes B symbolic."""
-  model = predict.with_inference_options(model, dtype)
+  model = inference.with_inference_options(model, dtype)
   if batch_size is None:
     shape = jax.export.symbolic_shape(f'b, {height}, {width}, 3')
   else:
@@ -64,10 +63,10 @@ def parse_args(argv):
                            'step number')
   parser.add_argument('--resolution', default=None,
                       help='input WIDTHxHEIGHT, multiples of 32 (default: the training '
-                           f'resolution of a workdir, else {predict.DEFAULT_RESOLUTION})')
+                           f'resolution of a workdir, else {inference.DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', default='1',
                       help="fixed batch size, or 'dynamic' for a symbolic one (default 1)")
-  parser.add_argument('--dtype', choices=predict.DTYPES, default='float32',
+  parser.add_argument('--dtype', choices=inference.DTYPES, default='float32',
                       help='compute dtype (weights stay float32; inputs/outputs float32)')
   parser.add_argument('--platforms', default=None,
                       help="comma-separated backends to lower for, e.g. 'cpu,cuda' "
@@ -76,7 +75,7 @@ def parse_args(argv):
                       help='replace OUTPUT if it is an existing file (a folder is never replaced)')
   args = parser.parse_args(argv)
   try:
-    args.resolution_hw = (predict.parse_resolution(args.resolution)
+    args.resolution_hw = (inference.parse_resolution(args.resolution)
                           if args.resolution is not None else 'default')
   except ValueError as e:
     parser.error(str(e))
@@ -101,11 +100,8 @@ def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   # Before the model is loaded and compiled: a file we may write (never a folder).
   writing.check_output_file(args.output, '--output', args.overwrite)
-  try:
-    loaded = model_loading.load(args.checkpoint, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(str(e)) from None
-  height, width = (predict.default_resolution(loaded) if args.resolution_hw == 'default'
+  loaded = inference.load(args.checkpoint, args.step)
+  height, width = (inference.default_resolution(loaded) if args.resolution_hw == 'default'
                    else args.resolution_hw)
   print(f'loaded {loaded.description}')
   exported = export_model(loaded.model, loaded.variables, height=height, width=width,

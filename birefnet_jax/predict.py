@@ -11,12 +11,9 @@ PATH: image files or folders (searched recursively). For an input ``PATH/sub/x.j
 with the mask as alpha) is also written to ``--cutout_dir`` (default ``DIR/cutout``) under the same
 relative name.
 
-Pipeline, as the official ``inference.py``:
-  cv2 decode (BGR -> RGB) -> cv2.resize INTER_LINEAR to the resolution -> /255 -> ImageNet normalize
-  -> model -> sigmoid -> align-corners bilinear resize to the original size -> x255, truncated.
 ``--resolution`` is width x height, as the official ``--resolution``; ``original`` keeps each
-image's size floored to a multiple of 32 (the official code does the same flooring, with PIL
-bicubic instead of cv2 linear resizing).
+image's size floored to a multiple of 32. The pipeline (as the official ``inference.py``) and the
+batching by shape are ``birefnet_jax.inference``'s; this module is the command line over it.
 
 Inputs are never outputs: an output folder (``--output``, ``--cutout_dir``) that is or holds an
 input file is refused; one that lies inside an input folder is left out of the inputs (a rerun
@@ -28,361 +25,18 @@ we can write in) before the model is loaded. Two inputs mapping to the same outp
 (``a.jpg`` and ``a.png``) also stop it before any work. Unreadable files are skipped with a
 warning and listed at the end (exit status 0; 1 when no input at all is readable).
 An animated image (GIF, APNG, WebP) is predicted from its first frame, with a warning naming it.
-
-Batching: images are grouped by their model input shape; each shape compiles once (jit cache);
-a last partial batch is padded to the batch size so that it reuses the compiled function.
-Reading/resizing and postprocessing/writing run in threads, overlapping the model.
 """
 
 import argparse
-import collections
-import concurrent.futures
-import itertools
 import os
 import sys
 import time
-from typing import Optional
-
-import cv2
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from birefnet_jax import image_io
-from birefnet_jax import model_loading
+from birefnet_jax import inference
 from birefnet_jax import writing
 from birefnet_jax.errors import UserError, exits_on_user_error
-from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
-
-DEFAULT_RESOLUTION = '1024x1024'
-DTYPES = ('float32', 'bfloat16')
-
-
-# ---------------------------------------------------------------------------------------------
-# Sizes.
-
-def parse_resolution(text: str) -> Optional[tuple[int, int]]:
-  """'WxH' -> (height, width); 'original' -> None. Sizes must be positive multiples of 32."""
-  text = str(text).strip().lower()
-  if text in ('original', 'none', ''):
-    return None
-  parts = text.split('x')
-  try:
-    width, height = (int(p) for p in parts)
-  except ValueError:
-    raise ValueError(f"resolution must be 'WxH' (e.g. 1024x1024) or 'original', got {text!r}")
-  if width <= 0 or height <= 0 or width % 32 or height % 32:
-    raise ValueError(f'resolution {width}x{height}: width and height must be positive multiples '
-                     'of 32 (BiRefNet cuts its input into 32x32-aligned patches)')
-  return height, width
-
-
-def default_resolution(loaded) -> tuple[int, int]:
-  """(height, width) to run a loaded checkpoint at when none is asked for: the resolution a
-  training workdir was trained at, else the official 1024x1024."""
-  return loaded.resolution or parse_resolution(DEFAULT_RESOLUTION)
-
-
-def model_input_size(image_hw, resolution_hw):
-  """The (height, width) the model sees for an image of size ``image_hw``."""
-  if resolution_hw is not None:
-    return tuple(resolution_hw)
-  return tuple(max(32, s // 32 * 32) for s in image_hw)
-
-
-# ---------------------------------------------------------------------------------------------
-# Postprocessing (host side, numpy).
-
-def probabilities_to_mask(probabilities, size_hw):
-  """(h, w) float32 probabilities -> (H, W) uint8 mask: align-corners bilinear to ``size_hw``
-  (width first, then height, as torch), then x255 truncated (torch's ``mul(255).byte()``).
-
-  Done on the host: output sizes vary from image to image, and a jitted resize would compile
-  once per distinct original size.
-  """
-  p = resize_bilinear_align_corners_np(np.asarray(probabilities, np.float32), size_hw)
-  return (np.clip(p, 0, 1) * np.float32(255)).astype(np.uint8)  # the cast truncates
-
-
-def _blur_fusion(image, foreground, background, alpha, r):
-  """One step of blur-fusion foreground estimation (official ``image_proc.py``, CPU version:
-  ``cv2.blur`` box filter, (r, r) kernel, reflect-101 borders). Arrays float32, alpha (H,W,1).
-  Returns (foreground estimate clipped to [0, 1], blurred background)."""
-  blurred_alpha = cv2.blur(alpha, (r, r))[:, :, None]
-  blurred_fg = cv2.blur(foreground * alpha, (r, r)) / (blurred_alpha + 1e-5)
-  blurred_bg = cv2.blur(background * (1 - alpha), (r, r)) / ((1 - blurred_alpha) + 1e-5)
-  estimate = blurred_fg + alpha * (image - alpha * blurred_fg - (1 - alpha) * blurred_bg)
-  return np.clip(estimate, 0, 1), blurred_bg
-
-
-def refine_foreground(image, mask, r: int = 90):
-  """Foreground colours for a cut-out: the official ``refine_foreground`` (fast foreground
-  estimation by blur fusion, Forte & Pitie / Photoroom): a pass with radius ``r`` (90) from the
-  image itself, then a pass with radius 6 from the first estimate. It removes the background
-  colour bleeding into soft edges. image (H,W,3) uint8 RGB, mask (H,W) uint8 -> (H,W,3) uint8
-  (truncated, as the official code)."""
-  if image.shape[:2] != mask.shape[:2]:
-    raise ValueError(f'refine_foreground: mask {mask.shape[:2]} and image {image.shape[:2]} '
-                     'differ in size')
-  image = image.astype(np.float32) / np.float32(255)
-  alpha = (mask.astype(np.float32) / np.float32(255))[:, :, None]
-  foreground, blurred_bg = _blur_fusion(image, image, image, alpha, r)
-  foreground, _ = _blur_fusion(image, foreground, blurred_bg, alpha, 6)
-  return (foreground * np.float32(255)).astype(np.uint8)
-
-
-def cutout(image, mask, refine: bool = False):
-  """RGBA uint8: the image's colours (refined foreground if ``refine``) with the mask as alpha."""
-  rgb = refine_foreground(image, mask) if refine else image
-  return np.concatenate([rgb, mask[:, :, None]], axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model.
-
-def with_inference_options(model, dtype: Optional[str], attention: Optional[str] = None):
-  """The same model computing in ``dtype`` ('float32' or 'bfloat16'; parameters stay float32),
-  with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as configured)."""
-  changes = {}
-  if dtype is not None and dtype != model.cfg.get('dtype', 'float32'):
-    if dtype not in DTYPES:
-      raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
-    changes['dtype'] = dtype
-  if attention is not None and attention != model.cfg.get('attention', 'einsum'):
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f'attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}')
-    changes['attention'] = attention
-  if not changes:
-    return model
-  cfg = model.cfg.copy_and_resolve_references()
-  cfg.update(changes)
-  return type(model)(cfg)
-
-
-_FORWARD_CACHE = {}
-
-
-def _jitted_probabilities(model):
-  """``jit(variables, images -> probabilities (B, H, W))`` shared by equal models, so that a new
-  ``Predictor`` (or ``predict_images`` call) of the same model reuses its compilations."""
-  key = (type(model), model.cfg.to_json(sort_keys=True))
-  if key not in _FORWARD_CACHE:
-    def probabilities(variables, images):
-      logits = model.apply(variables, images)
-      return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
-    _FORWARD_CACHE[key] = jax.jit(probabilities)
-  return _FORWARD_CACHE[key]
-
-
-class Predictor:
-  """Holds the model and its weights on the device and the jitted forward pass.
-
-  ``predictor(batch)`` maps normalized images (B, H, W, 3) float32 to probabilities (B, H, W)
-  float32 (sigmoid of the final logits); it compiles once per input shape. ``predict(images)``
-  is the whole pipeline for in-memory uint8 RGB images.
-  """
-
-  def __init__(self, model, variables, *, resolution=DEFAULT_RESOLUTION, batch_size: int = 1,
-               dtype: Optional[str] = None, attention: Optional[str] = None):
-    if batch_size < 1:
-      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    self.model = with_inference_options(model, dtype, attention)
-    self.variables = jax.device_put(variables)
-    self.resolution = (parse_resolution(resolution) if isinstance(resolution, str) or
-                       resolution is None else tuple(resolution))
-    self.batch_size = batch_size
-    self._forward = _jitted_probabilities(self.model)
-
-  def __call__(self, images):
-    """Normalized (B, H, W, 3) -> probabilities (B, H, W), asynchronously (a jax.Array)."""
-    return self._forward(self.variables, images)
-
-  def preprocess(self, image):
-    """uint8 RGB (H, W, 3) -> normalized float32 at the model input size."""
-    size = model_input_size(image.shape[:2], self.resolution)
-    return image_io.normalize(image_io.resize_linear(image, size))
-
-  def predict(self, images):
-    """uint8 RGB images (any sizes) -> uint8 masks at their sizes, in order."""
-    records = ((i, image.shape[:2], self.preprocess(_check_rgb(image, i)))
-               for i, image in enumerate(images))
-    masks = [None] * len(images)
-    for index, size, probabilities in run_batches(self, records, self.batch_size):
-      masks[index] = probabilities_to_mask(probabilities, size)
-    return masks
-
-
-def _check_rgb(image, index):
-  if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-          and image.shape[-1] == 3):
-    raise ValueError(f'image {index}: expected a uint8 RGB array (H, W, 3), got '
-                     f'{getattr(image, "dtype", type(image))} {getattr(image, "shape", "")}')
-  return image
-
-
-def predict_images(model, variables, images, resolution=DEFAULT_RESOLUTION, batch_size: int = 1,
-                   dtype: Optional[str] = None):
-  """uint8 RGB images -> uint8 masks at each image's size (see ``Predictor``)."""
-  return Predictor(model, variables, resolution=resolution, batch_size=batch_size,
-                   dtype=dtype).predict(images)
-
-
-def run_batches(forward, records, batch_size: int, max_waiting: Optional[int] = None):
-  """Runs ``forward`` on batches of equal-shape inputs; yields ``(key, size, probabilities)``.
-
-  records: iterable of ``(key, original size, normalized input (h, w, 3))``. Inputs wait in one
-  bucket per shape until ``batch_size`` of them are there; when more than ``max_waiting`` wait in
-  all (many distinct shapes with ``original`` resolution), the oldest bucket goes out early.
-  Partial batches are padded with zeros to ``batch_size`` (one compiled shape). The next batch is
-  dispatched before the previous result is fetched, so the host overlaps the device.
-  """
-  max_waiting = max_waiting or 2 * batch_size
-  buckets = collections.OrderedDict()   # input shape -> [records]
-  pending = None
-
-  def dispatch(entries):
-    x = np.stack([e[2] for e in entries])
-    if len(entries) < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - len(entries),) + x.shape[1:], x.dtype)])
-    return entries, forward(x)
-
-  def collect(job):
-    entries, out = job
-    out = np.asarray(out)
-    for entry, probabilities in zip(entries, out):
-      yield entry[0], entry[1], probabilities
-
-  def flush(shape):
-    nonlocal pending
-    job = dispatch(buckets.pop(shape))
-    if pending is not None:
-      yield from collect(pending)
-    pending = job
-
-  for record in records:
-    shape = record[2].shape
-    buckets.setdefault(shape, []).append(record)
-    if len(buckets[shape]) == batch_size:
-      yield from flush(shape)
-    elif sum(len(b) for b in buckets.values()) > max_waiting:
-      yield from flush(next(iter(buckets)))
-  while buckets:
-    yield from flush(next(iter(buckets)))
-  if pending is not None:
-    yield from collect(pending)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files.
-
-def _prefetch(function, items, workers: int, lookahead: int):
-  """``map(function, items)`` in threads, in order, with at most ``lookahead`` in flight."""
-  items = iter(items)
-  with concurrent.futures.ThreadPoolExecutor(workers) as executor:
-    queue = collections.deque(executor.submit(function, x) for x in itertools.islice(items, lookahead))
-    while queue:
-      result = queue.popleft().result()
-      for x in itertools.islice(items, 1):
-        queue.append(executor.submit(function, x))
-      yield result
-
-
-def plan_outputs(files, output_dir, cutout_dir=None):
-  """``[(path, mask output, cutout output or None)]``; raises ValueError on name collisions."""
-  plan, owner = [], {}
-  for path, relative in files:
-    stem = os.path.splitext(relative)[0]
-    outputs = [os.path.join(output_dir, stem + '.png')]
-    outputs.append(os.path.join(cutout_dir, stem + '.png') if cutout_dir else None)
-    for out in filter(None, outputs):
-      key = os.path.normcase(os.path.abspath(out))
-      if key in owner:
-        raise ValueError(f'{owner[key]} and {path} would both be written to {out}; rename one '
-                         'of them or predict them in separate runs')
-      owner[key] = path
-    plan.append((path, *outputs))
-  return plan
-
-
-class _Progress:
-  """One status line (images done, images/s), rewritten in place on a terminal."""
-
-  def __init__(self, total, stream=sys.stderr):
-    self.total, self.stream, self.done = total, stream, 0
-    self.start = self.last = time.perf_counter()
-    self.tty = hasattr(stream, 'isatty') and stream.isatty()
-
-  def update(self, n=1, final=False):
-    self.done += n
-    now = time.perf_counter()
-    if not final and now - self.last < (0.5 if self.tty else 10.0):
-      return
-    self.last = now
-    rate = self.done / max(now - self.start, 1e-9)
-    line = f'{self.done}/{self.total} images, {rate:.2f} images/s'
-    if self.tty:
-      self.stream.write('\r' + line + ('\n' if final else ''))
-    else:
-      self.stream.write(line + '\n')
-    self.stream.flush()
-
-
-def predict_files(predictor, plan, *, refine: bool = False, workers: int = 4, progress=True):
-  """Predicts and writes every ``(path, mask output, cutout output)`` of ``plan``.
-
-  Returns ``(number written, [(path, reason) skipped])``.
-  """
-  skipped = []
-  meter = _Progress(len(plan)) if progress else None
-
-  def read(item):
-    """-> (item, image kept for the cut-out, original size, model input, unreadable reason)."""
-    image, reason = image_io.try_read_image(item[0])
-    note = image_io.animation_note(item[0]) if image is not None else None
-    if note:
-      print(f'warning: {note}', file=sys.stderr)
-    if image is None:
-      return item, None, None, None, reason
-    return item, image if item[2] else None, image.shape[:2], predictor.preprocess(image), None
-
-  def records():
-    lookahead = 2 * predictor.batch_size + workers
-    for item, image, size, x, reason in _prefetch(read, plan, workers, lookahead):
-      if reason is not None:
-        skipped.append((item[0], reason))
-        print(f'warning: skipping unreadable {reason}', file=sys.stderr)
-        if meter:
-          meter.update()
-        continue
-      yield (item, image), size, x
-
-  def write(key, size, probabilities):
-    (path, mask_out, cutout_out), image = key
-    mask = probabilities_to_mask(probabilities, size)
-    image_io.write_png(mask_out, mask)
-    if cutout_out:
-      image_io.write_png(cutout_out, cutout(image, mask, refine))
-    return path
-
-  written = 0
-  with concurrent.futures.ThreadPoolExecutor(workers) as executor:
-    writing = collections.deque()
-    for key, size, probabilities in run_batches(predictor, records(), predictor.batch_size):
-      writing.append(executor.submit(write, key, size, probabilities))
-      while len(writing) > 2 * workers or (writing and writing[0].done()):
-        writing.popleft().result()
-        written += 1
-        if meter:
-          meter.update()
-    for job in writing:
-      job.result()
-      written += 1
-      if meter:
-        meter.update()
-  if meter:
-    meter.update(0, final=True)
-  return written, skipped
 
 
 def parse_args(argv):
@@ -398,9 +52,10 @@ def parse_args(argv):
   parser.add_argument('--output', required=True, help='folder for the masks')
   parser.add_argument('--resolution', default=None,
                       help="model input WIDTHxHEIGHT (multiples of 32) or 'original' (default: "
-                           f'the training resolution of a workdir, else {DEFAULT_RESOLUTION})')
+                           'the training resolution of a workdir, else '
+                           f'{inference.DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', type=int, default=1)
-  parser.add_argument('--dtype', choices=DTYPES, default='float32',
+  parser.add_argument('--dtype', choices=inference.DTYPES, default='float32',
                       help='compute dtype (parameters stay float32)')
   parser.add_argument('--attention', choices=ATTENTION_IMPLEMENTATIONS, default=None,
                       help="Swin window attention: einsum (default), xla, or cudnn (cuDNN's fused "
@@ -424,7 +79,7 @@ def parse_args(argv):
   if args.cutout_dir and not args.cutout:
     parser.error('--cutout_dir needs --cutout')
   try:
-    args.resolution_hw = (parse_resolution(args.resolution) if args.resolution is not None
+    args.resolution_hw = (inference.parse_resolution(args.resolution) if args.resolution is not None
                           else 'default')
   except ValueError as e:
     parser.error(str(e))
@@ -489,7 +144,7 @@ def check_planned_outputs(plan):
 
 
 def plan_request(args):
-  """The checked ``plan_outputs`` of the request (before any model is loaded)."""
+  """The checked ``inference.plan_outputs`` of the request (before any model is loaded)."""
   folders = _output_folders(args)
   for flag, folder in folders:
     writing.check_output_folder(folder, flag)
@@ -502,7 +157,7 @@ def plan_request(args):
     raise UserError(f'no image files found in {" ".join(args.input)}')
   check_inputs_are_not_outputs(files, folders)
   try:
-    plan = plan_outputs(files, args.output, args.cutout_dir_resolved)
+    plan = inference.plan_outputs(files, args.output, args.cutout_dir_resolved)
   except ValueError as e:
     raise UserError(str(e)) from None
   check_planned_outputs(plan)
@@ -536,19 +191,18 @@ def main(argv=None) -> int:
   if not plan:
     print(f'all {n_listed} images already have their outputs; nothing to do', file=sys.stderr)
     return 0
-  try:
-    loaded = model_loading.load(args.checkpoint, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(str(e)) from None
-  resolution = default_resolution(loaded) if args.resolution_hw == 'default' else args.resolution_hw
+  loaded = inference.load(args.checkpoint, args.step)
+  resolution = (inference.default_resolution(loaded) if args.resolution_hw == 'default'
+                else args.resolution_hw)
   print(f'loaded {loaded.description}; resolution '
         f'{"original" if resolution is None else "x".join(map(str, resolution[::-1]))}',
         file=sys.stderr)
-  predictor = Predictor(loaded.model, loaded.variables, resolution=resolution,
-                        batch_size=args.batch_size, dtype=args.dtype, attention=args.attention)
+  predictor = inference.Predictor(loaded.model, loaded.variables, resolution=resolution,
+                                  batch_size=args.batch_size, dtype=args.dtype,
+                                  attention=args.attention)
   start = time.perf_counter()
-  written, skipped = predict_files(predictor, plan, refine=args.refine_foreground,
-                                   workers=max(1, args.workers))
+  written, skipped = inference.predict_files(predictor, plan, refine=args.refine_foreground,
+                                             workers=max(1, args.workers))
   seconds = time.perf_counter() - start
   print(f'wrote {written} masks to {args.output}'
         f'{" and cut-outs to " + cutout_dir if cutout_dir else ""} in {seconds:.1f} s '

@@ -27,10 +27,10 @@ import numpy as np
 
 from birefnet_jax import checkpoint as checkpoint_lib
 from birefnet_jax import image_io
+from birefnet_jax import inference
 from birefnet_jax import losses
 from birefnet_jax import model_loading
 from birefnet_jax import optim
-from birefnet_jax import predict as predict_lib
 from birefnet_jax import sharding
 from birefnet_jax.convert.convert import config_to_json
 from birefnet_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
@@ -300,7 +300,7 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
       probs = np.asarray(jax.device_get(probs))[:len(chunk)]
       for prob, example in zip(probs, chunk):
         gt = example['mask_uint8']
-        pred = predict_lib.probabilities_to_mask(prob, gt.shape)
+        pred = inference.probabilities_to_mask(prob, gt.shape)
         accumulator.update(pred, gt, name=example.get('name'))
         if len(panels) < num_samples and set_name == val_sets[0]:
           panels.append(sample_panel(example['image'], gt, pred))

@@ -1,5 +1,6 @@
-"""The predict command line and API: reading odd files, batching, official post-processing,
-no silent overwrites, cut-outs; masks checked against an independent model.apply computation."""
+"""The predict command line and the inference API: reading odd files, batching, official
+post-processing, no silent overwrites, cut-outs; masks checked against an independent
+model.apply computation."""
 
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from birefnet_jax import image_io, load_converted, predict
+from birefnet_jax import image_io, inference, load_converted, predict
 from birefnet_jax.convert import convert_file
 from birefnet_jax.models.resize import resize_bilinear_align_corners
 
@@ -140,14 +141,14 @@ def refine_reference(image, mask):
 # No model needed.
 
 def test_parse_resolution_is_width_by_height():
-  assert predict.parse_resolution('96x64') == (64, 96)
-  assert predict.parse_resolution('original') is None
+  assert inference.parse_resolution('96x64') == (64, 96)
+  assert inference.parse_resolution('original') is None
   for bad in ('100x64', '64', 'axb', '0x64'):
     with pytest.raises(ValueError):
-      predict.parse_resolution(bad)
-  assert predict.model_input_size((100, 70), None) == (96, 64)
-  assert predict.model_input_size((20, 70), None) == (32, 64)
-  assert predict.model_input_size((100, 70), (64, 96)) == (64, 96)
+      inference.parse_resolution(bad)
+  assert inference.model_input_size((100, 70), None) == (96, 64)
+  assert inference.model_input_size((20, 70), None) == (32, 64)
+  assert inference.model_input_size((100, 70), (64, 96)) == (64, 96)
 
 
 def test_reads_mixed_files_and_reports_unreadable(image_folder):
@@ -175,7 +176,7 @@ def test_run_batches_groups_by_shape_and_pads():
   rng = np.random.default_rng(0)
   sizes = [(32, 64), (64, 32), (32, 64), (32, 64), (64, 32), (32, 64), (32, 64)]
   records = [(i, (i, i), rng.normal(size=s + (3,)).astype(np.float32)) for i, s in enumerate(sizes)]
-  results = list(predict.run_batches(forward, iter(records), batch_size=3, max_waiting=100))
+  results = list(inference.run_batches(forward, iter(records), batch_size=3, max_waiting=100))
   assert sorted(k for k, _, _ in results) == list(range(len(sizes)))
   for key, size, probabilities in results:
     assert size == (key, key)
@@ -189,14 +190,15 @@ def test_probabilities_to_mask_resizes_align_corners_and_truncates():
   p = jax.nn.sigmoid(rng.normal(size=(64, 96)).astype(np.float32) * 3)
   reference = resize_bilinear_align_corners(p[None, :, :, None], (70, 100))
   reference = np.floor(np.asarray(reference)[0, :, :, 0] * 255).astype(np.uint8)
-  np.testing.assert_array_equal(predict.probabilities_to_mask(np.asarray(p), (70, 100)), reference)
+  np.testing.assert_array_equal(inference.probabilities_to_mask(np.asarray(p), (70, 100)),
+                                reference)
 
 
 def test_refine_foreground_matches_blur_fusion_reference():
   image = _smooth_image(70, 100, 7)
   mask = (255 * (_smooth_image(70, 100, 8)[..., 0] > 120)).astype(np.uint8)
   mask = cv2.GaussianBlur(mask, (9, 9), 3)   # soft edges, where the refinement matters
-  refined = predict.refine_foreground(image, mask)
+  refined = inference.refine_foreground(image, mask)
   reference = refine_reference(image, mask)
   # Truncation of float32 vs float64 values may differ by one level.
   assert np.abs(refined.astype(np.float64) - reference).max() < 1.0 + 1e-3
@@ -207,7 +209,7 @@ def test_refine_foreground_matches_blur_fusion_reference():
 def test_output_name_collisions_are_refused(tmp_path):
   files = [('x/a.jpg', 'a.jpg'), ('x/a.png', 'a.png')]
   with pytest.raises(ValueError, match='both be written'):
-    predict.plan_outputs(files, str(tmp_path))
+    inference.plan_outputs(files, str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,14 +296,14 @@ def test_predict_images_original_resolution_batches_by_shape():
   images = [_smooth_image(70, 100, 10), _smooth_image(100, 70, 11), _smooth_image(75, 110, 12),
             _smooth_image(40, 33, 13)]
   inputs = [(64, 96), (96, 64), (64, 96), (32, 32)]
-  masks = predict.predict_images(model, variables, images, resolution='original', batch_size=2)
+  masks = inference.predict_images(model, variables, images, resolution='original', batch_size=2)
   for image, size, mask in zip(images, inputs, masks):
     assert_masks_match(mask, mask_reference(model, variables, image, size))
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_weights(model_and_variables):
   model, variables = model_and_variables
-  bf16 = predict.Predictor(model, variables, resolution='64x64', dtype='bfloat16')
+  bf16 = inference.Predictor(model, variables, resolution='64x64', dtype='bfloat16')
   assert bf16.model.cfg.dtype == 'bfloat16' and model.cfg.dtype == 'float32'
   lowered = jax.jit(bf16._forward).lower(bf16.variables, np.zeros((1, 64, 64, 3), np.float32))
   text = lowered.as_text()
@@ -315,10 +317,10 @@ def test_fused_attention_path_gives_the_same_masks(model_and_variables):
   path of cuDNN's fused kernel on GPU): same masks as the default einsums."""
   model, variables = model_and_variables
   images = [_smooth_image(64, 96, 3), _smooth_image(48, 40, 4)]
-  fused = predict.Predictor(model, variables, resolution='64x64', attention='xla')
+  fused = inference.Predictor(model, variables, resolution='64x64', attention='xla')
   assert fused.model.cfg.attention == 'xla' and model.cfg.get('attention', 'einsum') == 'einsum'
-  plain = predict.Predictor(model, variables, resolution='64x64')
+  plain = inference.Predictor(model, variables, resolution='64x64')
   for a, b in zip(fused.predict(images), plain.predict(images)):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
   with pytest.raises(ValueError, match='attention must be one of'):
-    predict.Predictor(model, variables, attention='flash')
+    inference.Predictor(model, variables, attention='flash')

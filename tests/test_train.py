@@ -163,7 +163,7 @@ def test_finetune_lambdas_follow_the_step():
 
 def test_resize_to_gt_matches_the_device_resize():
   import jax.numpy as jnp
-  from birefnet_jax import predict
+  from birefnet_jax import inference
   from birefnet_jax.models.resize import (resize_bilinear_align_corners,
                                           resize_bilinear_align_corners_np)
   prob = np.random.default_rng(0).uniform(size=(32, 48)).astype(np.float32)
@@ -173,5 +173,5 @@ def test_resize_to_gt_matches_the_device_resize():
                                rtol=0, atol=1e-6)
   # Truncation, not rounding (official mul(255).byte()).
   np.testing.assert_array_equal(
-      predict.probabilities_to_mask(np.float32([[0.999, 0.5, 0.0039, 1.0]]), (1, 4)),
+      inference.probabilities_to_mask(np.float32([[0.999, 0.5, 0.0039, 1.0]]), (1, 4)),
       [[254, 127, 0, 255]])
