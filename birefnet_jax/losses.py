@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+# The OutRef gradient label is computed by the model (models/gdt.py); ``losses.laplacian_gdt_gt``
+# stays importable here beside the gradient loss that consumes it.
+from birefnet_jax.models.gdt import laplacian_gdt_gt  # pylint: disable=unused-import
 from birefnet_jax.models.resize import resize_bilinear_align_corners
 
 # Names of the supervised scales in the order the model returns them (fixture names).
@@ -242,31 +245,6 @@ def cross_entropy(logits, labels):
   n_valid = jnp.sum(valid)
   total = -jnp.sum(jnp.where(valid, picked, 0))
   return jnp.where(n_valid > 0, total / jnp.maximum(n_valid, 1), 0).astype(logits.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# OutRef gradient ground truth (used by the model)
-# ----------------------------------------------------------------------------------------------
-
-def laplacian_gdt_gt(images_nhwc):
-  """OutRef gradient GT: kornia ``laplacian(mean_c(x), kernel_size=5)``, (B, H, W, 1).
-
-  kornia's 5x5 Laplacian is ones with centre -24, L1-normalised (/48), applied as a correlation
-  with reflect padding (edge pixel not repeated). ``x`` is the *normalised* image.
-  """
-  if images_nhwc.ndim != 4:
-    raise ValueError(f'losses.laplacian_gdt_gt: expected (B, H, W, C) images, got shape '
-                     f'{images_nhwc.shape}')
-  dtype = images_nhwc.dtype
-  gray = jnp.mean(images_nhwc, axis=-1, keepdims=True)
-  kernel = np.ones((5, 5), np.dtype(dtype))
-  kernel[2, 2] = 1 - 25
-  kernel = kernel / np.abs(kernel).sum(dtype=np.dtype(dtype))   # kornia: normalized=True
-  padded = jnp.pad(gray, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
-  return lax.conv_general_dilated(
-      padded, jnp.asarray(kernel, dtype)[:, :, None, None], window_strides=(1, 1),
-      padding='VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      precision=lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------------------------

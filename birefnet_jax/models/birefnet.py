@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from birefnet_jax import losses
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
+from birefnet_jax.models.gdt import laplacian_gdt_gt
 from birefnet_jax.models.layers import BatchNorm, conv, remat_if
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
 from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
@@ -268,7 +268,7 @@ class BiRefNet(nn.Module):
 
     gdt_gt = None
     if train and cfg.ms_supervision and cfg.out_ref:
-      gdt_gt = losses.laplacian_gdt_gt(images)
+      gdt_gt = laplacian_gdt_gt(images)
     scaled_logits, gdt_preds, gdt_labels = Decoder(cfg, dtype=dtype, name='decoder')(
         x, x1, x2, x3, x4, gdt_gt, train=train, deterministic=deterministic)
 
