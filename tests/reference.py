@@ -1,11 +1,14 @@
-"""Access to the golden fixtures in ../shared/reference (relative to the repository root)."""
+"""Access to the golden fixtures: ../shared/reference (relative to the repository root), or the
+folder named by the environment variable BIREFNET_REFERENCE. Every test reads them through here."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+REFERENCE = Path(os.environ.get('BIREFNET_REFERENCE')
+                 or Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference')
 VARIANTS = ('swin_w12_tiny', 'swin_w7_tiny_cls', 'pvt_v2_b0_quarter', 'swin_w12_tiny_legacy')
 F64_VARIANTS = ('swin_w12_tiny', 'swin_w7_tiny_cls', 'pvt_v2_b0_quarter')
 

@@ -3,7 +3,6 @@ eval / train forward against an independent float64 PyTorch re-statement of the 
 run with the fixture's squeeze-block weights."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,11 @@ from torch_reference import deform_conv2d
 from birefnet_jax.models.aspp import ASPPDeformable
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
 
+import reference
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+REFERENCE = reference.REFERENCE
 PREFIX = 'squeeze_module.0.'
 
 

@@ -18,8 +18,10 @@ import pytest
 
 from birefnet_jax import evaluate
 
+import reference
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = REPO / '..' / 'shared' / 'reference' / 'metrics'
+REFERENCE = reference.REFERENCE / 'metrics'
 EXPECTED = json.loads((REFERENCE / 'expected.json').read_text())
 CURVES = np.load(REFERENCE / 'curves.npz')
 NAMES = [p['name'] for p in EXPECTED['pairs']]

@@ -1,7 +1,6 @@
 """The exported artifact runs in a process without birefnet_jax and equals model.apply."""
 
 import os
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -13,9 +12,11 @@ import pytest
 from birefnet_jax import export, load_converted
 from birefnet_jax.convert import convert_file
 
+import reference
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+REFERENCE = reference.REFERENCE
 FIXTURE = 'swin_w7_tiny_cls.safetensors'
 
 # Runs in a fresh interpreter, from a folder where birefnet_jax is not importable.

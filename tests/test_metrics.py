@@ -7,7 +7,6 @@ The metric code is numpy + OpenCV only (no JAX), so no JAX precision settings ap
 """
 
 import json
-import pathlib
 
 import cv2
 import numpy as np
@@ -16,7 +15,9 @@ import pytest
 from birefnet_jax import metrics
 from birefnet_jax.metrics import sod
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference' / 'metrics'
+import reference
+
+REFERENCE = reference.REFERENCE / 'metrics'
 EXPECTED = json.loads((REFERENCE / 'expected.json').read_text())
 CURVES = np.load(REFERENCE / 'curves.npz')
 PAIRS = EXPECTED['pairs']

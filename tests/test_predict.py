@@ -3,7 +3,6 @@ post-processing, no silent overwrites, cut-outs; masks checked against an indepe
 model.apply computation."""
 
 import os
-from pathlib import Path
 
 import cv2
 import flax.linen as nn
@@ -17,7 +16,9 @@ from birefnet_jax import image_io, inference, load_converted, predict
 from birefnet_jax.convert import convert_file
 from birefnet_jax.models.resize import resize_bilinear_align_corners
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+import reference
+
+REFERENCE = reference.REFERENCE
 FIXTURE = 'swin_w7_tiny_cls.safetensors'
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -1,7 +1,6 @@
 """PVT-v2 backbone against the official PyTorch model (golden fixtures of ../shared/reference)."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,11 @@ from birefnet_jax.convert import names
 from birefnet_jax.models import config
 from birefnet_jax.models.pvt_v2 import DropPath, PyramidVisionTransformerImpr
 
+import reference
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+REFERENCE = reference.REFERENCE
 VARIANT = 'pvt_v2_b0_quarter'
 ARCH_FIELDS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios')
 

@@ -2,7 +2,6 @@
 
 import functools
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +13,11 @@ from safetensors.numpy import load_file
 from birefnet_jax.convert.names import nest, torch_to_flax
 from birefnet_jax.models.swin import DropPath, SwinTransformer, relative_position_index
 
+import reference
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+REFERENCE = reference.REFERENCE
 VARIANTS = ['swin_w12_tiny', 'swin_w7_tiny_cls']
 
 

@@ -11,16 +11,17 @@ losses, AdamW of ``optim``, BatchNorm on batch statistics, Dropout / DropPath of
 
 import json
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-REFERENCE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'reference'
+REFERENCE = reference.REFERENCE
 
 # swin_w7_tiny_cls (class head, window 7) costs another ~2-3 min of compilation on a 2-core CPU:
 # opt-in with BIREFNET_SLOW_TESTS=1.

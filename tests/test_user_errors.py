@@ -23,8 +23,10 @@ import pytest
 from birefnet_jax import evaluate, export, predict, writing
 from birefnet_jax.convert import convert_file
 
+import reference
+
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / '..' / 'shared' / 'reference'
+REFERENCE = reference.REFERENCE
 FIXTURE = REFERENCE / 'swin_w7_tiny_cls.safetensors'
 METRICS = REFERENCE / 'metrics'
 UMASK = 0o027
