@@ -7,7 +7,6 @@ image_proc.py with Pillow, torchvision ToTensor + Normalize re-done in torch).
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageEnhance
 
 from birefnet_jax.data import augment, decode
@@ -41,6 +40,7 @@ def test_load_and_resize_match_official_path_to_image(tmp_path):
 
 
 def test_normalize_matches_to_tensor_and_normalize():
+  torch = pytest.importorskip('torch')
   image = _image()
   x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)  # ToTensor
   mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]

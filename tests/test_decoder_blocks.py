@@ -8,12 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from birefnet_jax.convert import names
-from torch_reference import deform_conv2d
 from birefnet_jax.models.aspp import ASPPDeformable
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
 
@@ -89,6 +86,11 @@ def test_without_batch_norm_no_bn_variables(fixture):
 
 def torch_block(sd, x, train):
   """BasicDecBlk forward (official structure) from a state dict of float64 tensors, NCHW."""
+  # torch only here: the tests that do not compare against torch run without it.
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  from torch_reference import deform_conv2d  # pylint: disable=import-outside-toplevel
+
   def bn(prefix, v):
     if train:
       return F.batch_norm(v, None, None, sd[prefix + '.weight'], sd[prefix + '.bias'],
@@ -118,6 +120,7 @@ def torch_block(sd, x, train):
 
 @pytest.mark.parametrize('train', [False, True])
 def test_forward_matches_torch_statement_float64(fixture, train):
+  torch = pytest.importorskip('torch')
   widths, block = fixture
   rng = np.random.default_rng(0)
   # Large inputs so that the predicted offsets move samples by several pixels, many off the map.
