@@ -300,8 +300,8 @@ def main(argv):
     logging.exception('training failed')
     status = 1
   if status:
-    # Out of the except block: the error's traceback, and the run's frames it holds (the input
-    # pipeline, batches in shared memory), are released before the process exits.
+    # Out of the except block, so that the error and the frames its traceback holds are released
+    # before the process exits.
     _leave(status, multi_process)
 
 

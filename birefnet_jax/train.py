@@ -501,8 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   except BaseException:
     # An error (a bad file, a failed save, Ctrl-C) stops the run: release the last batch and
-    # close the input pipeline (no leaked shared memory), let a save in flight finish, and
-    # report the error itself, not one from the clean-up.
+    # close the input pipeline, let a save in flight finish, and report the error itself, not one
+    # from the clean-up. (grain may still leave one batch's shared memory to Python's resource
+    # tracker on this path; see test_user_errors.py.)
     local = batch = None
     with contextlib.suppress(Exception):
       ckpt.close()
