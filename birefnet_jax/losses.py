@@ -83,13 +83,17 @@ def finetune_last_epochs(task: str = 'DIS5K') -> int:
   return table[task]
 
 
-def finetune_epochs_started(epoch: int, total_epochs: int, task: str = 'DIS5K') -> int:
+def finetune_epochs_started(epoch: int, total_epochs: int, last_epochs: int) -> int:
   """How many finetune epochs have started by 1-based ``epoch`` (0 before the finetune window).
 
-  train.py enters the finetune branch when ``epoch > epochs + finetune_last_epochs``: with 500
-  DIS5K epochs, epoch 461 is the first finetune epoch (returns 1), epoch 500 returns 40.
+  ``last_epochs`` is ``config.finetune_last_epochs`` (negative: the last N epochs; 0 or more: no
+  window). train.py enters the finetune branch when ``epoch > epochs + finetune_last_epochs``:
+  with 500 DIS5K epochs (-40), epoch 461 is the first finetune epoch (returns 1), epoch 500
+  returns 40.
   """
-  return max(0, epoch - (total_epochs + finetune_last_epochs(task)))
+  if last_epochs >= 0:
+    return 0
+  return max(0, epoch - (total_epochs + last_epochs))
 
 
 def finetune_lambdas(base: Mapping[str, float], epochs_into_finetune: int,

@@ -240,9 +240,12 @@ def _unknown_field_error(field, known, path):
 
 def parse_flags(argv):
   """absl's flag parsing (its own errors print a usage line), with unknown --config.FIELD
-  overrides (ml_collections raises AttributeError/KeyError from deep inside) in one line."""
+  overrides (ml_collections raises AttributeError/KeyError from deep inside) and a config
+  file's UserError (a bad variant) in one line."""
   try:
     return app.parse_flags_with_usage(argv)
+  except UserError as e:   # from the config file, e.g. a bad variant (configs/dis.py:size=500)
+    sys.exit(report(e))
   except (AttributeError, KeyError):
     error = unknown_config_field(argv)
     if error is None:

@@ -50,13 +50,11 @@ def official_epochs(task: str = 'DIS5K') -> int:
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
-  """Optimizer settings; the defaults are the official DIS5K recipe.
+  """Optimizer settings; the defaults are the official recipe's.
 
   Fields:
-    lr: peak learning rate; None -> ``official_learning_rate(task, global_batch_size)``.
-    task, global_batch_size: only used to derive ``lr`` (and ``epochs``) when those are None.
-    epochs: total training epochs (for negative ``decay_epochs`` and for 'cosine');
-      None -> ``official_epochs(task)``.
+    lr: peak learning rate; None -> the official rule, ``official_learning_rate(task, global
+      batch)``, which train.py resolves from the run's task and batch.
     schedule: 'step' (MultiStepLR per epoch), 'cosine' (to ``cosine_final_ratio * lr`` at the
       end of training) or 'constant'.
     decay_epochs, decay_rate: MultiStepLR milestones (epochs; a negative entry N means
@@ -66,12 +64,11 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     clip_grad_norm: clip the (accumulated) gradient to this global norm (None/0: no clipping).
     grad_accum_steps: average the gradients of this many micro-steps per update (optax.MultiSteps).
     weight_decay, b1, b2, eps: AdamW (decoupled decay, applied to every parameter).
+  The number of epochs (for negative ``decay_epochs`` and 'cosine') is the run's, passed to
+  ``make_optimizer``.
   """
   cfg = ml_collections.ConfigDict(dict(
       lr=ml_collections.config_dict.placeholder(float),
-      task='DIS5K',
-      global_batch_size=8,
-      epochs=ml_collections.config_dict.placeholder(int),
       schedule='step',
       decay_epochs=(100000,),
       decay_rate=0.5,
@@ -92,35 +89,41 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def resolved_lr(cfg) -> float:
-  return (official_learning_rate(cfg.task, cfg.global_batch_size) if cfg.lr is None
-          else float(cfg.lr))
-
-
-def resolved_epochs(cfg) -> int:
-  return official_epochs(cfg.task) if cfg.epochs is None else int(cfg.epochs)
-
-
 def milestone_epochs(decay_epochs, epochs: int) -> Tuple[float, ...]:
   """train.py's milestones: ``lde if lde > 0 else epochs + lde + 1``."""
   return tuple(float(m) if m > 0 else float(epochs + m + 1) for m in decay_epochs)
 
 
-def make_schedule(cfg, steps_per_epoch: int) -> Callable:
-  """The learning rate as a function of the optimizer update count (jnp-traceable)."""
+def make_schedule(cfg, steps_per_epoch: int, *, epochs=None, lr=None) -> Callable:
+  """The learning rate as a function of the optimizer update count (jnp-traceable).
+
+  ``lr`` (default ``cfg.lr``) is the peak; ``epochs`` is needed by 'cosine' and by negative
+  ``decay_epochs``.
+  """
   if steps_per_epoch <= 0:
     raise ValueError(f'optim.make_schedule: steps_per_epoch must be > 0, got {steps_per_epoch}')
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f'optim: unknown schedule {cfg.schedule!r}; expected one of {SCHEDULES}')
-  peak = resolved_lr(cfg)
+  peak = cfg.lr if lr is None else lr
+  if peak is None:
+    raise ValueError('optim: no learning rate: set optim.lr, or pass the official one '
+                     '(official_learning_rate(task, global_batch_size))')
+  peak = float(peak)
   warmup = int(cfg.warmup_steps or 0)
   if warmup < 0:
     raise ValueError(f'optim: warmup_steps must be >= 0, got {warmup}')
 
+  def needs_epochs():
+    if epochs is None:
+      raise ValueError(f'optim: the {cfg.schedule!r} schedule with decay_epochs '
+                       f'{tuple(cfg.decay_epochs)} needs the number of epochs')
+    return int(epochs)
+
   if cfg.schedule == 'step':
     # MultiStepLR is stepped at the end of every epoch: during the epoch after `e` complete
     # epochs the lr is peak * gamma ** #{milestones m <= e}.
-    milestones = jnp.asarray(milestone_epochs(cfg.decay_epochs, resolved_epochs(cfg)))
+    milestones = jnp.asarray(milestone_epochs(
+        cfg.decay_epochs, needs_epochs() if min(cfg.decay_epochs) <= 0 else 0))
     gamma = float(cfg.decay_rate)
 
     def main(step):
@@ -128,7 +131,7 @@ def make_schedule(cfg, steps_per_epoch: int) -> Callable:
       n_decays = jnp.sum(milestones <= epochs_done)
       return peak * jnp.power(gamma, n_decays)
   elif cfg.schedule == 'cosine':
-    total = resolved_epochs(cfg) * steps_per_epoch
+    total = needs_epochs() * steps_per_epoch
     decay_steps = max(total - warmup, 1)
     floor = float(cfg.cosine_final_ratio)
 
@@ -149,15 +152,16 @@ def make_schedule(cfg, steps_per_epoch: int) -> Callable:
   return schedule
 
 
-def make_optimizer(opt_cfg, steps_per_epoch: int):
-  """``(optax.GradientTransformation, schedule_fn)`` for ``opt_cfg`` (see ``optimizer_config``).
+def make_optimizer(opt_cfg, steps_per_epoch: int, *, epochs=None, lr=None):
+  """``(optax.GradientTransformation, schedule_fn)`` for ``opt_cfg`` (see ``optimizer_config``);
+  ``steps_per_epoch`` counts optimizer updates, ``epochs`` and ``lr`` as in ``make_schedule``.
 
   The chain is [clip by global norm] -> AdamW(schedule), wrapped in ``optax.MultiSteps`` when
   ``grad_accum_steps > 1`` (the clipping then sees the averaged gradient). ``optax.adamw``
   applies the decoupled decay ``-lr * wd * p`` on every parameter, which is torch's AdamW
   ``p * (1 - lr * wd)`` up to rounding.
   """
-  schedule = make_schedule(opt_cfg, steps_per_epoch)
+  schedule = make_schedule(opt_cfg, steps_per_epoch, epochs=epochs, lr=lr)
   parts = []
   if opt_cfg.clip_grad_norm:
     if opt_cfg.clip_grad_norm < 0:

@@ -48,9 +48,17 @@ def log(message: str):
 
 
 def global_batch_size(config) -> int:
-  if config.get('batch_size', 0) and config.batch_size > 0:
+  """config.batch_size, or batch_size_per_device x devices when it is -1."""
+  if config.batch_size > 0:
     return int(config.batch_size)
   return int(config.batch_size_per_device) * jax.device_count()
+
+
+def peak_learning_rate(config, batch_size: int) -> float:
+  """config.optim.lr, or (None) the official rule for config.task on the global batch."""
+  if config.optim.lr is not None:
+    return float(config.optim.lr)
+  return optim.official_learning_rate(config.task, batch_size)
 
 
 def resolve_schedule(config, num_train_examples: Optional[int], batch_size: int):
@@ -61,13 +69,13 @@ def resolve_schedule(config, num_train_examples: Optional[int], batch_size: int)
   lengthens) the run without changing what an epoch is, so lr / finetune schedules keep their
   meaning.
   """
-  steps_per_epoch = int(config.get('steps_per_epoch', -1) or -1)
+  steps_per_epoch = int(config.steps_per_epoch)
   if steps_per_epoch <= 0:
     if not num_train_examples:
       raise ValueError('cannot tell the training set size: set config.steps_per_epoch')
     steps_per_epoch = max(1, num_train_examples // batch_size)
   epochs = int(config.epochs)
-  total_steps = int(config.get('total_steps', -1) or -1)
+  total_steps = int(config.total_steps)
   if total_steps <= 0:
     total_steps = epochs * steps_per_epoch
   return steps_per_epoch, epochs, total_steps
@@ -79,14 +87,10 @@ def loss_lambdas(config, step: int, steps_per_epoch: int, epochs: int) -> dict:
   Criteria whose official lambda is 0 are left out (the loss skips them statically); the others
   are passed to the step as traced scalars, so the decay never recompiles the step.
   """
-  task = config.loss_task
-  base = {k: v for k, v in losses.pixel_lambdas(task).items() if v != 0}
-  last = int(config.finetune_last_epochs)
-  if last >= 0:   # 0 (or positive): no finetune window
-    return base
-  epoch = step // steps_per_epoch + 1          # 1-based, as train.py's loop
-  started = max(0, epoch - (epochs + last))
-  return losses.finetune_lambdas(base, started, task)
+  base = {k: v for k, v in losses.pixel_lambdas(config.task).items() if v != 0}
+  epoch = step // steps_per_epoch + 1          # 1-based, as the official loop
+  started = losses.finetune_epochs_started(epoch, epochs, int(config.finetune_last_epochs))
+  return losses.finetune_lambdas(base, started, config.task) if started else base
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -149,7 +153,7 @@ def next_commands(workdir: str, config) -> str:
       f'  python -m birefnet_jax.predict --checkpoint {shown} --input photos/ --output masks/',
       f'  python -m birefnet_jax.evaluate --pred_dir masks/ --gt_dir ground_truth/',
       f'  python -m birefnet_jax.export --checkpoint {shown} --output model.jaxexport',
-      f'(the best checkpoint by validation {config.get("best_metric") or "(none: latest)"}, at the '
+      f'(the best checkpoint by validation {config.best_metric or "(none: latest)"}, at the '
       f'training resolution {width}x{height}; --step latest|N picks another)'])
 
 
@@ -275,7 +279,7 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
   results, panels = {}, []
   compiled = False
   val_sets = pipeline.val_set_names(config.data)
-  limit = int(config.get('max_eval_images', -1))
+  limit = int(config.max_eval_images)
   for set_name in val_sets:
     accumulator = metrics_lib.MetricAccumulator()
     examples = pipeline.eval_examples(config.data, set_name)
@@ -318,6 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last metrics."""
   from birefnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from birefnet_jax.models.birefnet import BiRefNet  # pylint: disable=g-import-not-at-top
+  # Plain values from here on (config.data.task is a reference to config.task).
+  config = config.copy_and_resolve_references()
   # orbax and tensorstore need absolute paths; a relative --workdir is relative to here.
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -325,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_run_files(workdir, config)
 
   # Mesh: every device of every process; the batch is split over all of them.
-  mesh = sharding.make_mesh(int(config.get('fsdp', 1)))
+  mesh = sharding.make_mesh(int(config.fsdp))
   batch_size = global_batch_size(config)
   local_batch = sharding.local_batch_size(batch_size)
   log(f'{jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} '
@@ -336,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        seed=int(config.seed), process_index=jax.process_index(),
                                        process_count=jax.process_count())
   num_train = (len(pipeline.train_source(config.data))
-               if int(config.get('steps_per_epoch', -1)) <= 0 else None)
+               if int(config.steps_per_epoch) <= 0 else None)
   steps_per_epoch, epochs, total_steps = resolve_schedule(config, num_train, batch_size)
   eval_every = _every(config, 'eval_every', steps_per_epoch)
   ckpt_every = _every(config, 'ckpt_every', steps_per_epoch)
@@ -346,12 +352,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Model and optimizer.
   model = BiRefNet(config.model)
-  opt_cfg = config.optim.copy_and_resolve_references()
-  if opt_cfg.epochs is None:
-    opt_cfg.epochs = epochs
-  opt_cfg.global_batch_size = batch_size   # lr None -> the official formula on this batch
-  accum = int(opt_cfg.grad_accum_steps or 1)
-  tx, lr_schedule = optim.make_optimizer(opt_cfg, max(1, steps_per_epoch // accum))
+  accum = int(config.optim.grad_accum_steps)
+  tx, lr_schedule = optim.make_optimizer(config.optim, max(1, steps_per_epoch // accum),
+                                         epochs=epochs,
+                                         lr=peak_learning_rate(config, batch_size))
 
   rng = jax.random.key(int(config.seed))
   init_rng, train_rng = jax.random.split(rng)
@@ -366,13 +370,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   repl = sharding.replicated(mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   log(f'model: {config.model.backbone.family} backbone, {n_params / 1e6:.2f} M parameters, '
-      f'compute dtype {config.model.get("dtype", "float32")}')
+      f'compute dtype {config.model.dtype}')
 
   # Checkpoints: resume from the workdir when it has one.
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      keep=int(config.keep_checkpoints),
-                                     best_metric=config.get('best_metric') or None,
-                                     best_mode=config.get('best_mode', 'max'))
+                                     best_metric=config.best_metric or None,
+                                     best_mode=config.best_mode)
   start_step = ckpt.latest_step()
   if start_step is not None and start_step >= total_steps:
     log(f'this run is already complete: {workdir} holds the checkpoint of step {start_step} '
@@ -386,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = ckpt.restore(start_step, checkpoint_lib.abstract_like(abstract_state, state_sharding),
                          train_iter)
     log(f'resumed from the checkpoint of step {start_step}')
-  elif config.get('init_from'):
+  elif config.init_from:
     random_vars = jax.device_get(jax.jit(
         lambda r: model.init({'params': r}, dummy, train=False))(init_rng))
     variables, _ = model_loading.merge_pretrained(
@@ -400,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The compiled steps. The state is donated: updated in place on the devices.
   train_step = jax.jit(
       make_train_step(model, tx, lr_schedule, base_rng=train_rng,
-                      deterministic=bool(config.get('deterministic', False)),
+                      deterministic=bool(config.deterministic),
                       use_class_labels=bool(config.model.auxiliary_classification),
                       grad_accum_steps=accum),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
@@ -417,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_validation(step):
     t0 = time.time()
     results, panels = evaluate(predict, state, config, mesh,
-                               num_samples=int(config.get('num_sample_images', 0)))
+                               num_samples=int(config.num_sample_images))
     results = jax.tree.map(float, results)
     writer.write(step, 'val', dict(results, eval_seconds=time.time() - t0))
     writer.images(step, 'val_samples', panels)
@@ -430,10 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_results.update(results, step=step)
     # The checkpoint ranks by the best_metric of the first validation set (scored on process 0;
     # every process needs it, the ranking must agree).
-    best = config.get('best_metric')
+    best = config.best_metric
     if not best:
       return {}
-    first_set = str(config.data.val_sets).split(',')[0].strip()
+    first_set = pipeline.val_set_names(config.data)[0]
     value = np.float32(results.get(f'{first_set}/{best}', np.nan))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -489,7 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       validated = None   # the ranking metric of this step's validation, if one ran
       if ((eval_every > 0 and step % eval_every == 0)
-          or (is_last and config.get('eval_at_end', True))):
+          or (is_last and config.eval_at_end)):
         validated = run_validation(step)
         last_val = validated
       if ((ckpt_every > 0 and step % ckpt_every == 0) or validated is not None or is_last
@@ -521,7 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if last_results:
     val_step = last_results.pop('step')
     log(f'final validation (step {val_step}):\n{metrics_table(last_results)}')
-    if int(config.get('num_sample_images', 0)):
+    if int(config.num_sample_images):
       log(f'sample predictions (image | ground truth | prediction): '
           f'{os.path.join(workdir, "samples", f"step_{val_step}.png")}')
   log(f'checkpoints: {os.path.join(workdir, "checkpoints")}; metrics: '
@@ -532,10 +536,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _every(config, name: str, steps_per_epoch: int) -> int:
   """``config.<name>_epochs`` x steps_per_epoch when > 0, else ``config.<name>`` (steps; <= 0: never)."""
-  epochs = float(config.get(f'{name}_epochs', -1) or -1)
+  epochs = float(config[f'{name}_epochs'])
   if epochs > 0:
     return max(1, int(round(epochs * steps_per_epoch)))
-  return int(config.get(name, -1))
+  return int(config[name])
 
 
 def _duration(seconds: float) -> str:

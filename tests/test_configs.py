@@ -1,4 +1,5 @@
-"""The official-recipe configs load and carry the official numbers (docs §8)."""
+"""The config files: the official recipes' numbers (docs §8), one schema, one task field, and the
+variants a config file accepts (``--config configs/dis.py:backbone=swin_v1_t,size=512``)."""
 
 import importlib.util
 import math
@@ -7,36 +8,115 @@ from pathlib import Path
 import pytest
 
 from birefnet_jax import optim
+from birefnet_jax import train
+from birefnet_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
+def load(name, arg=None):
   # By path: configs/ on sys.path would let configs/dis.py shadow the stdlib's dis.
   spec = importlib.util.spec_from_file_location(f'config_{name}', ROOT / 'configs' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg)
 
 
-@pytest.mark.parametrize('name,task,base_lr,epochs', [('dis', 'DIS5K', 1e-4, 500),
-                                                      ('hrsod', 'HRSOD', 1e-5, 150),
-                                                      ('cod', 'COD', 1e-5, 150),
-                                                      ('general', 'General', 1e-5, 200)])
-def test_official_recipes(name, task, base_lr, epochs):
+@pytest.mark.parametrize('name,task,base_lr,epochs,last', [('dis', 'DIS5K', 1e-4, 500, -40),
+                                                           ('hrsod', 'HRSOD', 1e-5, 150, -20),
+                                                           ('cod', 'COD', 1e-5, 150, -20),
+                                                           ('general', 'General', 1e-5, 200, -20)])
+def test_official_recipes(name, task, base_lr, epochs, last):
   config = load(name)
   assert config.model.backbone.family == 'swin' and config.model.backbone.embed_dim == 192
+  assert config.model.dtype == 'bfloat16'
   assert tuple(config.data.image_size) == (1024, 1024)
-  assert config.data.task == task and config.epochs == epochs
-  opt = config.optim.copy_and_resolve_references()
-  assert opt.lr is None                    # resolved from the run's global batch
-  opt.global_batch_size, opt.epochs = 16, epochs
-  _, schedule = optim.make_optimizer(opt, steps_per_epoch=10)
-  assert math.isclose(float(schedule(0)), base_lr * math.sqrt(16 / 4), rel_tol=1e-6)
-  assert opt.weight_decay == 1e-2
+  assert config.task == task and config.data.task == task and config.epochs == epochs
+  assert config.finetune_last_epochs == last
+  assert config.optim.lr is None           # resolved from the run's global batch
+  lr = train.peak_learning_rate(config, 16)
+  assert math.isclose(lr, base_lr * math.sqrt(16 / 4), rel_tol=1e-12)
+  _, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10, epochs=epochs, lr=lr)
+  assert math.isclose(float(schedule(0)), lr, rel_tol=1e-6)
+  assert math.isclose(float(schedule(10 * epochs - 1)), lr, rel_tol=1e-6)   # constant
+  assert config.optim.weight_decay == 1e-2
+
+
+def test_every_config_has_the_same_fields():
+  # One schema: every config file is recipes.recipe(...) plus overrides, so they share their
+  # field names at every level but the model's backbone (Swin / PVT presets differ).
+  def names(config, prefix=''):
+    out = set()
+    for key, value in config.items():
+      if hasattr(value, 'items') and key != 'backbone':
+        out |= names(value, prefix + key + '.')
+      else:
+        out.add(prefix + key)
+    return out
+  reference = names(load('dis'))
+  for name in ('hrsod', 'cod', 'general', 'quickstart'):
+    assert names(load(name)) == reference, name
+  assert 'loss_task' not in reference and 'optim.task' not in reference
+
+
+def test_task_is_one_field():
+  config = load('dis')
+  config.task = 'COD'                      # as --config.task=COD does
+  assert config.data.task == 'COD'
+  assert train.peak_learning_rate(config, 8) == optim.official_learning_rate('COD', 8)
+  config.data.task = 'HRSOD'               # the reference works both ways: still one value
+  assert config.task == 'HRSOD'
+  resolved = config.copy_and_resolve_references()
+  assert resolved.task == resolved.data.task == 'HRSOD'
+
+
+def test_loss_lambdas_follow_the_task_field():
+  config = load('general')
+  assert train.loss_lambdas(config, 0, 1, 200).get('mae') == 100.0    # General adds MAE x100
+  config.task = 'DIS5K'
+  assert 'mae' not in train.loss_lambdas(config, 0, 1, 200)
+
+
+def test_loss_lambdas_decay_in_the_official_finetune_window():
+  config = load('dis')                      # 500 epochs, the last 40 are the finetune
+  first_finetune_step = 460 * 10            # 10 steps per epoch: epoch 461 starts here
+  assert train.loss_lambdas(config, first_finetune_step - 1, 10, 500) == dict(
+      bce=30.0, iou=0.5, ssim=10.0)
+  assert train.loss_lambdas(config, first_finetune_step, 10, 500) == dict(
+      bce=0.0, iou=0.25, ssim=10.0)         # official: bce *= 0, iou *= 0.5 per finetune epoch
+  assert train.loss_lambdas(config, 500 * 10 - 1, 10, 500)['iou'] == 0.5 * 0.5 ** 40
 
 
 def test_quickstart_is_small():
   config = load('quickstart')
   assert config.data.source == 'synthetic'
   assert max(config.data.image_size) <= 256
+  assert config.task == 'DIS5K' and config.finetune_last_epochs == 0
+
+
+@pytest.mark.parametrize('arg,backbone,embed_dim,size,epochs', [
+    ('backbone=swin_v1_t,size=512', 'swin', 96, (512, 512), 500),
+    ('size=2560x1440', 'swin', 192, (1440, 2560), 500),          # W x H, as predict's --resolution
+    ('epochs=3', 'swin', 192, (1024, 1024), 3),
+    ('backbone=pvt_v2_b2', 'pvt_v2', None, (1024, 1024), 500),
+])
+def test_variants(arg, backbone, embed_dim, size, epochs):
+  config = load('dis', arg)
+  assert config.model.backbone.family == backbone
+  if embed_dim:
+    assert config.model.backbone.embed_dim == embed_dim
+  assert tuple(config.data.image_size) == size and config.epochs == epochs
+  assert config.arg == arg and config.task == 'DIS5K'
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('backbone=resnet50', 'unknown backbone'),
+    ('sise=512', 'expected KEY=VALUE'),
+    ('size=500', 'multiples of 32'),
+    ('size=big', 'expected N or WxH'),
+    ('epochs=-1', 'positive integer'),
+    ('swin_v1_t', 'expected KEY=VALUE'),
+])
+def test_bad_variants_are_user_errors(arg, message):
+  with pytest.raises(UserError, match=message):
+    load('dis', arg)

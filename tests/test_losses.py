@@ -261,10 +261,13 @@ def test_bad_inputs_fail_clearly():
 # ----------------------------------------------------------------------------------------------
 
 def test_finetune_window_of_dis5k():
-  assert losses.finetune_epochs_started(460, 500, 'DIS5K') == 0
-  assert losses.finetune_epochs_started(461, 500, 'DIS5K') == 1
-  assert losses.finetune_epochs_started(500, 500, 'DIS5K') == 40
-  assert losses.finetune_epochs_started(131, 150, 'COD') == 1
+  dis, cod = losses.finetune_last_epochs('DIS5K'), losses.finetune_last_epochs('COD')
+  assert (dis, cod) == (-40, -20)
+  assert losses.finetune_epochs_started(460, 500, dis) == 0
+  assert losses.finetune_epochs_started(461, 500, dis) == 1
+  assert losses.finetune_epochs_started(500, 500, dis) == 40
+  assert losses.finetune_epochs_started(131, 150, cod) == 1
+  assert losses.finetune_epochs_started(150, 150, 0) == 0     # no window (the quickstart)
 
 
 @pytest.mark.parametrize('k, expected', [

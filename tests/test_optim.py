@@ -32,7 +32,8 @@ def test_one_adamw_step_matches_torch(variant):
   params = {name: weights[name] for name in grads}
   assert len(params) == hp['num_params']
   cfg = optim.optimizer_config()          # the official recipe: nothing overridden
-  tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=100)
+  tx, schedule = optim.make_optimizer(cfg, steps_per_epoch=100,
+                                      lr=optim.official_learning_rate('DIS5K', 8))
   assert math.isclose(float(schedule(0)), hp['lr'], rel_tol=1e-7)
   # AdamW without clipping is elementwise: one step on all parameters raveled into a single
   # vector is the same computation, and compiles once instead of once per tensor shape.
@@ -77,8 +78,9 @@ def test_official_learning_rates():
 
 
 def test_official_step_schedule_is_constant():
-  _, schedule = optim.make_optimizer(optim.optimizer_config(), steps_per_epoch=50)
   lr = optim.official_learning_rate('DIS5K', 8)
+  _, schedule = optim.make_optimizer(optim.optimizer_config(), steps_per_epoch=50, epochs=500,
+                                     lr=lr)
   for step in (0, 1, 49, 50, 500 * 50 - 1):
     assert math.isclose(float(schedule(step)), lr, rel_tol=1e-7)
 
@@ -87,8 +89,8 @@ def test_official_step_schedule_is_constant():
 def test_step_schedule_matches_torch_multisteplr(decay_epochs):
   torch = pytest.importorskip('torch')
   epochs, steps_per_epoch, lr = 10, 3, 0.1
-  cfg = optim.optimizer_config(lr=lr, epochs=epochs, decay_epochs=decay_epochs, decay_rate=0.5)
-  _, schedule = optim.make_optimizer(cfg, steps_per_epoch)
+  cfg = optim.optimizer_config(lr=lr, decay_epochs=decay_epochs, decay_rate=0.5)
+  _, schedule = optim.make_optimizer(cfg, steps_per_epoch, epochs=epochs)
   # train.py: MultiStepLR over milestones `lde if lde > 0 else epochs + lde + 1`, stepped once
   # at the end of every epoch.
   parameter = torch.nn.Parameter(torch.zeros(1))
@@ -105,9 +107,9 @@ def test_step_schedule_matches_torch_multisteplr(decay_epochs):
 
 
 def test_cosine_schedule_with_warmup():
-  cfg = optim.optimizer_config(lr=1.0, schedule='cosine', epochs=11, warmup_steps=10,
+  cfg = optim.optimizer_config(lr=1.0, schedule='cosine', warmup_steps=10,
                                cosine_final_ratio=0.1)
-  _, schedule = optim.make_optimizer(cfg, steps_per_epoch=10)   # 110 steps, 100 of decay
+  _, schedule = optim.make_optimizer(cfg, steps_per_epoch=10, epochs=11)  # 110 steps, 100 decay
   expected = {
       0: 0.1,                   # warmup: lr * (step + 1) / warmup_steps
       4: 0.5,
@@ -132,7 +134,11 @@ def test_bad_config_fails_clearly():
   with pytest.raises(ValueError, match='unknown field'):
     optim.optimizer_config(learning_rate=1e-4)
   with pytest.raises(ValueError, match='unknown schedule'):
-    optim.make_optimizer(optim.optimizer_config(schedule='linear'), 10)
+    optim.make_optimizer(optim.optimizer_config(lr=0.1, schedule='linear'), 10)
+  with pytest.raises(ValueError, match='no learning rate'):
+    optim.make_optimizer(optim.optimizer_config(), 10)      # lr None and none passed
+  with pytest.raises(ValueError, match='needs the number of epochs'):
+    optim.make_optimizer(optim.optimizer_config(lr=0.1, schedule='cosine'), 10)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -496,3 +496,14 @@ def test_main_unreadable_validation_image_stops_the_run_in_one_line(tmp_path):
   assert result.returncode == 1, result.stderr[-3000:]
   one_error(result.stderr, 'DIS-VD_01.png', 'not a readable image')
   assert 'step 1: first step done' in result.stdout + result.stderr   # it failed while running
+
+
+def test_main_bad_config_variant_is_one_line(tmp_path):
+  # The config file's variant (configs/dis.py:KEY=VALUE,...) is read while absl parses the flags:
+  # a bad one is one line naming it, before anything is built or written.
+  result = run_python(['-m', 'birefnet_jax.main',
+                       '--config', 'configs/dis.py:backbone=swin_v1_t,size=500',
+                       '--workdir', str(tmp_path / 'run')])
+  assert result.returncode == 1
+  one_error(result.stderr, 'size=500', 'multiples of 32')
+  assert not (tmp_path / 'run').exists()

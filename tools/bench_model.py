@@ -12,9 +12,9 @@
 
 Every figure is per call of a jitted function on fixed random inputs: warm-up calls (which include
 compilation) are excluded, each timed call ends with ``block_until_ready`` and the median of
-``--repeats`` calls is reported. The train step is self-contained (it does not use
-``birefnet_jax.train``): forward in train mode with mutable batch_stats and Dropout/DropPath on,
-the official losses (``losses.total_loss``), gradients, the official AdamW update
+``--repeats`` calls is reported. The train step is the training loop's own
+(``train.make_train_step``): forward in train mode with mutable batch_stats and Dropout/DropPath
+on, the official losses (``losses.total_loss``), gradients, the official AdamW update
 (``optim.make_optimizer``) and a donated state, as one XLA program.
 
 Other columns: FLOPs per call from the analytic counter (``birefnet_jax.flops``: the model's convs,
@@ -73,13 +73,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from birefnet_jax import flops as flops_lib
-from birefnet_jax import losses, optim
+from birefnet_jax import losses, optim, train
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.layers import checkpoint_policy
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
+from birefnet_jax.train_state import TrainState
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -422,34 +422,23 @@ def init_variables(model, images, seed):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def make_train_step(model, tx):
-  """One official train step as a function ``(state, images, masks, rng) -> (state, loss)``."""
-
-  def step(state, images, masks, rng):
-    dropout_rng, drop_path_rng = jax.random.split(rng)
-
-    def loss_fn(params):
-      outs, updates = model.apply({'params': params, 'batch_stats': state['batch_stats']}, images,
-                                  train=True, mutable=['batch_stats'],
-                                  rngs={'dropout': dropout_rng, 'drop_path': drop_path_rng})
-      loss, _ = losses.total_loss(outs, masks)
-      return loss, updates['batch_stats']
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    return dict(params=params, batch_stats=batch_stats, opt_state=opt_state), loss
-
-  return jax.jit(step, donate_argnums=0)
-
-
 def train_step_and_state(model, variables, batch):
-  """The jitted official train step for global ``batch`` and its initial state (AdamW)."""
-  tx, _ = optim.make_optimizer(optim.optimizer_config(global_batch_size=batch),
-                               steps_per_epoch=1000)
-  state = dict(params=variables['params'], batch_stats=variables['batch_stats'],
-               opt_state=tx.init(variables['params']))
-  return make_train_step(model, tx), state
+  """The training loop's own step (``train.make_train_step``: the official loss at the DIS5K
+  lambdas, AdamW at the official lr for ``batch``), jitted with the state donated as train.py
+  does, and its initial state. The step is ``(state, {'image', 'mask'}, lambdas) ->
+  (state, metrics)``; see ``train_call``."""
+  tx, schedule = optim.make_optimizer(optim.optimizer_config(), steps_per_epoch=1000,
+                                      lr=optim.official_learning_rate('DIS5K', batch))
+  step = jax.jit(train.make_train_step(model, tx, schedule, base_rng=jax.random.PRNGKey(0),
+                                       deterministic=False, use_class_labels=False),
+                 donate_argnums=0)
+  return step, TrainState.create(variables, tx)
+
+
+def train_args(images, masks):
+  """The step's (batch, lambdas) arguments after the state."""
+  lambdas = {k: jnp.float32(v) for k, v in losses.pixel_lambdas('DIS5K').items() if v != 0}
+  return dict(image=images, mask=masks), lambdas
 
 
 def _set_throughput(row, flops, peak_tflops):
@@ -496,14 +485,14 @@ def bench_jax(args, cfg, mode, size, batch, peak_tflops=None):
     else:
       step, state = train_step_and_state(model, variables, batch)
       del variables
-      rng = jax.random.PRNGKey(args.seed + 1)
-      lowered = step.lower(state, images, masks, rng)
+      step_args = train_args(images, masks)
+      lowered = step.lower(state, *step_args)
       compiled = compile_lowered(lowered, args)
       holder = [state]
 
       def call():
-        holder[0], loss = compiled(holder[0], images, masks, rng)
-        return loss
+        holder[0], metrics = compiled(holder[0], *step_args)
+        return metrics['loss']
 
     row['compile_s'] = time.perf_counter() - start
     xla_flops, mem = compiled_costs(compiled, lowered)
@@ -529,13 +518,13 @@ def _try_train_batch(args, cfg, size, batch, bytes_limit):
     model = BiRefNet(cfg)
     images, masks = _random_batch(size, batch, args.seed)
     step, state = train_step_and_state(model, init_variables(model, images, args.seed), batch)
-    rng = jax.random.PRNGKey(args.seed)
-    compiled = compile_lowered(step.lower(state, images, masks, rng), args)
+    step_args = train_args(images, masks)
+    compiled = compile_lowered(step.lower(state, *step_args), args)
     _, mem = compiled_costs(compiled)
     if mem is not None and bytes_limit and mem > bytes_limit:
       return False  # does not fit by XLA's own estimate: skip running it
-    state, loss = compiled(state, images, masks, rng)
-    jax.block_until_ready(loss)
+    state, metrics = compiled(state, *step_args)
+    jax.block_until_ready(metrics['loss'])
     return True
   except Exception as e:  # pylint: disable=broad-except
     if is_oom(e):
