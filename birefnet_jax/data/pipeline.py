@@ -170,8 +170,8 @@ def train_source(cfg):
     return SyntheticDataset(cfg.synthetic_train_examples, cfg.image_size,
                             _synthetic_seed(cfg, None), cfg.synthetic_difficulty)
   if cfg.source == 'tfds':
-    from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    return tfds_builders.data_source(cfg, cfg.train_sets)
+    from birefnet_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
+    return tfds_datasets.data_source(cfg, cfg.train_sets)
   raise ValueError(f"data.source must be 'folder', 'synthetic' or 'tfds', got {cfg.source!r}")
 
 
@@ -236,8 +236,8 @@ def eval_source(cfg, dataset_name):
     return SyntheticDataset(cfg.synthetic_val_examples, cfg.image_size,
                             _synthetic_seed(cfg, dataset_name or 'val'), cfg.synthetic_difficulty)
   if cfg.source == 'tfds':
-    from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    return tfds_builders.data_source(cfg, dataset_name)
+    from birefnet_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
+    return tfds_datasets.data_source(cfg, dataset_name)
   raise ValueError(f"data.source must be 'folder', 'synthetic' or 'tfds', got {cfg.source!r}")
 
 
