@@ -45,24 +45,28 @@ def _tfds_view(data, channels):
   return None
 
 
-def encoded_image(path):
-  """Bytes to store for an image so that tfds decodes them to decode.read_image(path)."""
+def _encoded(path, channels):
+  """The file's own bytes when tfds decodes them to our pixels, else our pixels as a PNG."""
   data = decode.read_bytes(path)
-  ours = decode.decode_image_bytes(data, os.fspath(path))
-  view = _tfds_view(data, 3)
+  if channels == 3:
+    ours = decode.decode_image_bytes(data, os.fspath(path))
+  else:
+    ours = decode.decode_mask_bytes(data, os.fspath(path))
+  view = _tfds_view(data, channels)
   if view is not None and np.array_equal(view, ours):
     return data.tobytes()
-  return cv2.imencode('.png', cv2.cvtColor(ours, cv2.COLOR_RGB2BGR))[1].tobytes()
+  return cv2.imencode('.png', cv2.cvtColor(ours, cv2.COLOR_RGB2BGR) if channels == 3
+                      else ours)[1].tobytes()
+
+
+def encoded_image(path):
+  """Bytes to store for an image so that tfds decodes them to decode.read_image(path)."""
+  return _encoded(path, 3)
 
 
 def encoded_mask(path):
   """Bytes to store for a mask so that tfds decodes them to decode.read_mask(path)."""
-  data = decode.read_bytes(path)
-  ours = decode.decode_mask_bytes(data, os.fspath(path))
-  view = _tfds_view(data, 1)
-  if view is not None and np.array_equal(view, ours):
-    return data.tobytes()
-  return cv2.imencode('.png', ours)[1].tobytes()
+  return _encoded(path, 1)
 
 
 class _OfficialLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
