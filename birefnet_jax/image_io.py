@@ -14,9 +14,6 @@ import numpy as np
 from birefnet_jax import writing
 from birefnet_jax.data import decode
 
-# Extensions picked up when a folder is given (a file named explicitly is always tried).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.dib', '.tif', '.tiff',
-                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm', '.gif')
 # Formats that may hold several frames (animated GIF, APNG, animated WebP): we predict the first.
 MULTI_FRAME_EXTENSIONS = ('.gif', '.png', '.webp')
 
@@ -25,7 +22,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def _is_image_name(name):
-  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+  """Picked up when a folder is given (a file named explicitly is always tried)."""
+  return not name.startswith('.') and decode.has_image_extension(name)
 
 
 def is_under(path, folder):
