@@ -223,9 +223,8 @@ def train_iterator(cfg, *, local_batch_size, seed, process_index=0, process_coun
   return iter(it)
 
 
-def val_set_names(cfg):
-  """The comma-separated data.val_sets as a list."""
-  return [n.strip() for n in cfg.val_sets.split(',') if n.strip()]
+# The comma-separated data.val_sets as a list (parsed in one place, sources.val_set_names).
+val_set_names = sources.val_set_names
 
 
 def eval_source(cfg, dataset_name):

@@ -178,6 +178,11 @@ def eval_files(cfg, dataset_name):
                          field='data.val_sets')
 
 
+def val_set_names(cfg):
+  """The comma-separated data.val_sets as a list (``pipeline.val_set_names`` is this)."""
+  return [n.strip() for n in cfg.val_sets.split(',') if n.strip()]
+
+
 def check_folders(cfg):
   """Checks, before any model is built, that the folders a 'folder' data config names exist:
   the training set's and every validation set's (a missing validation set would otherwise
@@ -190,8 +195,8 @@ def check_folders(cfg):
   else:
     dataset_folders(cfg.root, cfg.task, cfg.train_sets, image_subdir=cfg.image_subdir,
                     mask_subdir=cfg.mask_subdir, field='data.train_sets')
-  for name in (n.strip() for n in cfg.val_sets.split(',')):
-    if not name or (cfg.image_dir and name == 'folder'):
+  for name in val_set_names(cfg):
+    if cfg.image_dir and name == 'folder':
       continue
     dataset_folders(cfg.root, cfg.task, name, image_subdir=cfg.image_subdir,
                     mask_subdir=cfg.mask_subdir, field='data.val_sets')
