@@ -33,6 +33,7 @@ import numpy as np
 
 from birefnet_jax import image_io
 from birefnet_jax import model_loading
+from birefnet_jax.data import augment
 from birefnet_jax.errors import UserError
 from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
@@ -195,7 +196,7 @@ class Predictor:
   def preprocess(self, image):
     """uint8 RGB (H, W, 3) -> normalized float32 at the model input size."""
     size = model_input_size(image.shape[:2], self.resolution)
-    return image_io.normalize(image_io.resize_linear(image, size))
+    return augment.normalize_image(image_io.resize_linear(image, size))
 
   def predict(self, images):
     """uint8 RGB images (any sizes) -> uint8 masks at their sizes, in order."""
