@@ -30,10 +30,11 @@ from birefnet_jax.errors import exits_on_user_error
 
 
 def inference_function(model, variables):
-  """normalized images (B, H, W, 3) float32 -> probabilities (B, H, W, 1) float32, with the
-  weights closed over (they become constants of the exported module)."""
+  """normalized images (B, H, W, 3) float32 -> probabilities (B, H, W, 1) float32
+  (``inference.model_probabilities``), with the weights closed over (they become constants of
+  the exported module)."""
   def probabilities(images):
-    return jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))
+    return inference.model_probabilities(model, variables, images)
   return probabilities
 
 

@@ -155,6 +155,12 @@ def with_inference_options(model, dtype: Optional[str], attention: Optional[str]
   return type(model)(cfg)
 
 
+def model_probabilities(model, variables, images):
+  """Normalized images (B, H, W, 3) -> probabilities (B, H, W, 1) float32: the sigmoid of the
+  final logits, computed in float32 (the predictor's forward pass and the exported function)."""
+  return jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))
+
+
 _FORWARD_CACHE = {}
 
 
@@ -164,8 +170,7 @@ def _jitted_probabilities(model):
   key = (type(model), model.cfg.to_json(sort_keys=True))
   if key not in _FORWARD_CACHE:
     def probabilities(variables, images):
-      logits = model.apply(variables, images)
-      return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+      return model_probabilities(model, variables, images)[..., 0]
     _FORWARD_CACHE[key] = jax.jit(probabilities)
   return _FORWARD_CACHE[key]
 
