@@ -56,12 +56,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m birefnet_jax.export', description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True,
-                      help='converted checkpoint directory or training workdir')
+  inference.add_checkpoint_arguments(parser)
   parser.add_argument('--output', required=True, help='file to write the serialized export to')
-  parser.add_argument('--step', default=None,
-                      help="a training workdir's checkpoint: 'best' (default), 'latest' or a "
-                           'step number')
   parser.add_argument('--resolution', default=None,
                       help='input WIDTHxHEIGHT, multiples of 32 (default: the training '
                            f'resolution of a workdir, else {inference.DEFAULT_RESOLUTION})')

@@ -54,6 +54,15 @@ def load(checkpoint, step=None) -> model_loading.Loaded:
     raise UserError(str(e)) from None
 
 
+def add_checkpoint_arguments(parser):
+  """``--checkpoint`` and ``--step``, what ``load`` reads, for the command lines over it."""
+  parser.add_argument('--checkpoint', required=True,
+                      help='converted checkpoint directory or training workdir')
+  parser.add_argument('--step', default=None,
+                      help="a training workdir's checkpoint: 'best' (default: best by the run's "
+                           "validation metric, else the latest), 'latest' or a step number")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes.
 
