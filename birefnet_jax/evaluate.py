@@ -2,7 +2,8 @@ r"""Evaluate saved prediction maps against ground truth, as BiRefNet / DIS5K rep
 
   python -m birefnet_jax.evaluate --pred_dir P --gt_dir G [--json OUT] [--workers N]
 
-Accepted layouts (images: .png .jpg .jpeg .bmp .tif .tiff; pairs are matched by file stem):
+Accepted layouts (images: the extensions of ``data.decode.IMAGE_EXTENSIONS``, as ``predict``
+reads: .png .jpg .jpeg .bmp .tif .tiff .webp ...; pairs are matched by file stem):
 
 * one dataset: ``G/*.png`` (or ``G/gt/*.png``) with predictions in ``P/*.png``;
 * several datasets, the official layouts: ``G/DATASET/*.png`` or ``G/DATASET/gt/*.png``
@@ -29,10 +30,10 @@ import sys
 import time
 
 from birefnet_jax import writing
+from birefnet_jax.data import decode
 from birefnet_jax.errors import UserError, report
 from birefnet_jax.metrics import evaluation
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 # The DIS5K column order of BiRefNet's eval_existingOnes.py (mBA and BIoU not computed here).
 TABLE_COLUMNS = (('maxFm', 'maxFm'), ('wFmeasure', 'wFm'), ('MAE', 'MAE'), ('Smeasure', 'Sm'),
                  ('meanEm', 'meanEm'), ('HCE', 'HCE'), ('maxEm', 'maxEm'), ('meanFm', 'meanFm'),
@@ -43,7 +44,7 @@ def images_by_stem(directory: pathlib.Path) -> dict:
   """{stem: path} of the image files directly inside ``directory``."""
   found = {}
   for path in sorted(directory.iterdir()):
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.is_file() and decode.has_image_extension(path.name):
       if path.stem in found:
         raise ValueError(f'{directory}: two images share the stem {path.stem!r} '
                          f'({found[path.stem].name}, {path.name})')

@@ -30,10 +30,11 @@ from birefnet_jax.errors import exits_on_user_error
 
 
 def inference_function(model, variables):
-  """normalized images (B, H, W, 3) float32 -> probabilities (B, H, W, 1) float32, with the
-  weights closed over (they become constants of the exported module)."""
+  """normalized images (B, H, W, 3) float32 -> probabilities (B, H, W, 1) float32
+  (``inference.model_probabilities``), with the weights closed over (they become constants of
+  the exported module)."""
   def probabilities(images):
-    return jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))
+    return inference.model_probabilities(model, variables, images)
   return probabilities
 
 
@@ -55,12 +56,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m birefnet_jax.export', description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True,
-                      help='converted checkpoint directory or training workdir')
+  inference.add_checkpoint_arguments(parser)
   parser.add_argument('--output', required=True, help='file to write the serialized export to')
-  parser.add_argument('--step', default=None,
-                      help="a training workdir's checkpoint: 'best' (default), 'latest' or a "
-                           'step number')
   parser.add_argument('--resolution', default=None,
                       help='input WIDTHxHEIGHT, multiples of 32 (default: the training '
                            f'resolution of a workdir, else {inference.DEFAULT_RESOLUTION})')

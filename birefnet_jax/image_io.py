@@ -1,9 +1,10 @@
-"""Image files for inference: finding them, reading them leniently, preprocessing, writing PNGs.
+"""Image files for inference: finding them, reading them leniently, resizing, writing PNGs.
 
 Decoding is ``birefnet_jax.data.decode`` (the official ``cv2.imread`` conventions: BGR -> RGB,
 grayscale / palette / 1-bit expanded to 3 channels, alpha dropped, 16-bit reduced to 8 bits,
 EXIF orientation applied). Here a file that cannot be decoded is not an error but a
 ``(None, reason)`` answer, so that a folder with one broken file still gets predicted.
+ImageNet normalization is ``birefnet_jax.data.augment.normalize_image``, the one training uses.
 """
 
 import os
@@ -14,18 +15,13 @@ import numpy as np
 from birefnet_jax import writing
 from birefnet_jax.data import decode
 
-# Extensions picked up when a folder is given (a file named explicitly is always tried).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.dib', '.tif', '.tiff',
-                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm', '.gif')
 # Formats that may hold several frames (animated GIF, APNG, animated WebP): we predict the first.
 MULTI_FRAME_EXTENSIONS = ('.gif', '.png', '.webp')
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
 
 def _is_image_name(name):
-  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+  """Picked up when a folder is given (a file named explicitly is always tried)."""
+  return not name.startswith('.') and decode.has_image_extension(name)
 
 
 def is_under(path, folder):
@@ -97,12 +93,6 @@ def try_read_image(path):
 def resize_linear(image, size_hw):
   """cv2.resize INTER_LINEAR (no antialias) to ``(height, width)``, as the official loader."""
   return decode.resize_linear(image, size_hw)
-
-
-def normalize(images_uint8):
-  """uint8 RGB -> float32 ImageNet-normalized, as ToTensor + Normalize (float32 throughout)."""
-  x = images_uint8.astype(np.float32) / np.float32(255)
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def write_png(path, array):

@@ -33,6 +33,7 @@ import numpy as np
 
 from birefnet_jax import image_io
 from birefnet_jax import model_loading
+from birefnet_jax.data import augment
 from birefnet_jax.errors import UserError
 from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
@@ -51,6 +52,15 @@ def load(checkpoint, step=None) -> model_loading.Loaded:
     return model_loading.load(checkpoint, step)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
+
+
+def add_checkpoint_arguments(parser):
+  """``--checkpoint`` and ``--step``, what ``load`` reads, for the command lines over it."""
+  parser.add_argument('--checkpoint', required=True,
+                      help='converted checkpoint directory or training workdir')
+  parser.add_argument('--step', default=None,
+                      help="a training workdir's checkpoint: 'best' (default: best by the run's "
+                           "validation metric, else the latest), 'latest' or a step number")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +164,12 @@ def with_inference_options(model, dtype: Optional[str], attention: Optional[str]
   return type(model)(cfg)
 
 
+def model_probabilities(model, variables, images):
+  """Normalized images (B, H, W, 3) -> probabilities (B, H, W, 1) float32: the sigmoid of the
+  final logits, computed in float32 (the predictor's forward pass and the exported function)."""
+  return jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))
+
+
 _FORWARD_CACHE = {}
 
 
@@ -163,8 +179,7 @@ def _jitted_probabilities(model):
   key = (type(model), model.cfg.to_json(sort_keys=True))
   if key not in _FORWARD_CACHE:
     def probabilities(variables, images):
-      logits = model.apply(variables, images)
-      return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+      return model_probabilities(model, variables, images)[..., 0]
     _FORWARD_CACHE[key] = jax.jit(probabilities)
   return _FORWARD_CACHE[key]
 
@@ -195,7 +210,7 @@ class Predictor:
   def preprocess(self, image):
     """uint8 RGB (H, W, 3) -> normalized float32 at the model input size."""
     size = model_input_size(image.shape[:2], self.resolution)
-    return image_io.normalize(image_io.resize_linear(image, size))
+    return augment.normalize_image(image_io.resize_linear(image, size))
 
   def predict(self, images):
     """uint8 RGB images (any sizes) -> uint8 masks at their sizes, in order."""

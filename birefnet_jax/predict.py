@@ -43,11 +43,7 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m birefnet_jax.predict', description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True,
-                      help='converted checkpoint directory or training workdir')
-  parser.add_argument('--step', default=None,
-                      help="a training workdir's checkpoint: 'best' (default: best by the run's "
-                           "validation metric, else the latest), 'latest' or a step number")
+  inference.add_checkpoint_arguments(parser)
   parser.add_argument('--input', required=True, nargs='+', help='image files and/or folders')
   parser.add_argument('--output', required=True, help='folder for the masks')
   parser.add_argument('--resolution', default=None,

@@ -65,7 +65,7 @@ def test_synthetic_any_size_and_written_layout_reads_back(tmp_path):
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-  from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from birefnet_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
   root = str(tmp_path_factory.mktemp('tfds_root'))
   write_official_layout(root, 'DIS5K', {'DIS-TR': 5, 'DIS-VD': 3}, image_size=(40, 56))
   vd = os.path.join(root, 'DIS5K', 'DIS-VD')
@@ -81,7 +81,7 @@ def prepared(tmp_path_factory):
   for stem in ('deep', 'gray'):
     cv2.imwrite(os.path.join(vd, 'gt', f'{stem}.png'), rgb[..., 1])
   data_dir = str(tmp_path_factory.mktemp('tfds_data'))
-  builder = tfds_builders.prepare('DIS5K', root, data_dir)
+  builder = tfds_datasets.prepare('DIS5K', root, data_dir)
   return root, data_dir, builder
 
 
@@ -104,8 +104,8 @@ def test_tfds_reads_back_the_folder_examples(prepared):
     np.testing.assert_array_equal(got[name]['image'], e['image'], err_msg=name)
     np.testing.assert_array_equal(got[name]['mask_uint8'], e['mask_uint8'], err_msg=name)
   # Raw records: the class id survives; the data source is what grain reads.
-  from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-  src = tfds_builders.data_source(tfds_cfg, 'DIS-TR')
+  from birefnet_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
+  src = tfds_datasets.data_source(tfds_cfg, 'DIS-TR')
   src = pickle.loads(pickle.dumps(src))  # grain workers receive it pickled
   labels = sorted(src[i]['class_label'] for i in range(len(src)))
   files = sources.official_layout(root, 'DIS5K', 'DIS-TR')

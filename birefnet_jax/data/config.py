@@ -37,7 +37,7 @@ def data_config(**overrides):
   train_sets, val_sets = OFFICIAL_SETS.get(task, ('', ''))
   cfg = ml_collections.ConfigDict(dict(
       # Where examples come from: 'folder' (official layout or a plain folder), 'synthetic'
-      # (the built-in DIS-like set, nothing on disk), 'tfds' (builders in tfds_builders.py).
+      # (the built-in DIS-like set, nothing on disk), 'tfds' (builders in tfds_datasets.py).
       source='folder',
       # Official layout: root/task/DATASET/{image_subdir,mask_subdir}; datasets joined with '+'
       # train as one (as the official `training_set`); val_sets is comma-separated.
@@ -79,7 +79,7 @@ def data_config(**overrides):
       synthetic_seed=0,
       # 'dis' (thin structures on busy scenes) or 'easy' (thick, high-contrast, plain scenes).
       synthetic_difficulty='dis',
-      # source='tfds': prepared with tfds_builders.prepare(...) into tfds_data_dir.
+      # source='tfds': prepared by python -m birefnet_jax.data.tfds_builders into tfds_data_dir.
       tfds_data_dir='',
   ))
   for key, value in overrides.items():

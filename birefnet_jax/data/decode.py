@@ -23,6 +23,17 @@ import numpy as np
 
 from birefnet_jax.errors import UserError
 
+# The one list of image file extensions (lower case) taken as images when a folder is listed:
+# training sources, predict's input folders, evaluate's GT and prediction folders. A file named
+# explicitly is always tried, whatever its extension.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.dib', '.tif', '.tiff',
+                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm', '.gif')
+
+
+def has_image_extension(name) -> bool:
+  """Whether the file name ``name`` has one of IMAGE_EXTENSIONS (any case)."""
+  return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_EXTENSIONS
+
 
 class ImageDecodeError(UserError, ValueError):
   """A file that is not a readable image (or a mask that does not fit its image)."""

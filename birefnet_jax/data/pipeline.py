@@ -170,8 +170,8 @@ def train_source(cfg):
     return SyntheticDataset(cfg.synthetic_train_examples, cfg.image_size,
                             _synthetic_seed(cfg, None), cfg.synthetic_difficulty)
   if cfg.source == 'tfds':
-    from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    return tfds_builders.data_source(cfg, cfg.train_sets)
+    from birefnet_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
+    return tfds_datasets.data_source(cfg, cfg.train_sets)
   raise ValueError(f"data.source must be 'folder', 'synthetic' or 'tfds', got {cfg.source!r}")
 
 
@@ -223,9 +223,8 @@ def train_iterator(cfg, *, local_batch_size, seed, process_index=0, process_coun
   return iter(it)
 
 
-def val_set_names(cfg):
-  """The comma-separated data.val_sets as a list."""
-  return [n.strip() for n in cfg.val_sets.split(',') if n.strip()]
+# The comma-separated data.val_sets as a list (parsed in one place, sources.val_set_names).
+val_set_names = sources.val_set_names
 
 
 def eval_source(cfg, dataset_name):
@@ -236,8 +235,8 @@ def eval_source(cfg, dataset_name):
     return SyntheticDataset(cfg.synthetic_val_examples, cfg.image_size,
                             _synthetic_seed(cfg, dataset_name or 'val'), cfg.synthetic_difficulty)
   if cfg.source == 'tfds':
-    from birefnet_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    return tfds_builders.data_source(cfg, dataset_name)
+    from birefnet_jax.data import tfds_datasets  # pylint: disable=g-import-not-at-top
+    return tfds_datasets.data_source(cfg, dataset_name)
   raise ValueError(f"data.source must be 'folder', 'synthetic' or 'tfds', got {cfg.source!r}")
 
 

@@ -15,11 +15,13 @@ import os
 from absl import logging
 
 from birefnet_jax.data.classes import class_label_from_filename
+from birefnet_jax.data.decode import IMAGE_EXTENSIONS, has_image_extension
 from birefnet_jax.errors import UserError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-# The official lookup tries '.png' first, then '.jpg' (then upper-case spellings).
-MASK_EXTENSION_PREFERENCE = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+# The official lookup tries '.png' first, then '.jpg' (then upper-case spellings); the other
+# extensions after them, in IMAGE_EXTENSIONS order.
+MASK_EXTENSION_PREFERENCE = ('.png', '.jpg') + tuple(
+    e for e in IMAGE_EXTENSIONS if e not in ('.png', '.jpg'))
 
 
 class MissingDataError(UserError, FileNotFoundError):
@@ -49,14 +51,10 @@ class PairedFiles:
     return f'PairedFiles({self.description}, {len(self)} pairs)'
 
 
-def _has_extension(filename, extensions):
-  return os.path.splitext(filename)[1].lower() in extensions
-
-
 def list_images(folder):
   """Image files of a folder (not recursive), sorted by name."""
   return sorted(f for f in os.listdir(folder)
-                if _has_extension(f, IMAGE_EXTENSIONS) and not f.startswith('.')
+                if has_image_extension(f) and not f.startswith('.')
                 and os.path.isfile(os.path.join(folder, f)))
 
 
@@ -180,6 +178,11 @@ def eval_files(cfg, dataset_name):
                          field='data.val_sets')
 
 
+def val_set_names(cfg):
+  """The comma-separated data.val_sets as a list (``pipeline.val_set_names`` is this)."""
+  return [n.strip() for n in cfg.val_sets.split(',') if n.strip()]
+
+
 def check_folders(cfg):
   """Checks, before any model is built, that the folders a 'folder' data config names exist:
   the training set's and every validation set's (a missing validation set would otherwise
@@ -192,8 +195,8 @@ def check_folders(cfg):
   else:
     dataset_folders(cfg.root, cfg.task, cfg.train_sets, image_subdir=cfg.image_subdir,
                     mask_subdir=cfg.mask_subdir, field='data.train_sets')
-  for name in (n.strip() for n in cfg.val_sets.split(',')):
-    if not name or (cfg.image_dir and name == 'folder'):
+  for name in val_set_names(cfg):
+    if cfg.image_dir and name == 'folder':
       continue
     dataset_folders(cfg.root, cfg.task, name, image_subdir=cfg.image_subdir,
                     mask_subdir=cfg.mask_subdir, field='data.val_sets')

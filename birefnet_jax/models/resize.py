@@ -34,14 +34,24 @@ def source_indices(in_size: int, out_size: int, dtype=np.float32):
   return i0.astype(np.int32), i1.astype(np.int32), lam
 
 
-def _resize_axis(x, axis: int, out_size: int):
+def _axis_weights(x, axis: int, out_size: int):
+  """``source_indices`` for resizing ``axis`` of ``x``, with ``lam`` shaped to broadcast along
+  that axis; None when the axis already has ``out_size``."""
   in_size = x.shape[axis]
   if in_size == out_size:
-    return x
+    return None
   i0, i1, lam = source_indices(in_size, out_size, x.dtype)
   shape = [1] * x.ndim
   shape[axis] = out_size
-  lam = jnp.asarray(lam.reshape(shape)).astype(x.dtype)
+  return i0, i1, lam.reshape(shape)
+
+
+def _resize_axis(x, axis: int, out_size: int):
+  weights = _axis_weights(x, axis, out_size)
+  if weights is None:
+    return x
+  i0, i1, lam = weights
+  lam = jnp.asarray(lam).astype(x.dtype)
   x0 = jnp.take(x, jnp.asarray(i0), axis=axis, mode='clip')
   x1 = jnp.take(x, jnp.asarray(i1), axis=axis, mode='clip')
   return (1 - lam) * x0 + lam * x1
@@ -55,13 +65,10 @@ def resize_bilinear_align_corners(x, size):
 
 
 def _resize_axis_np(x, axis: int, out_size: int):
-  in_size = x.shape[axis]
-  if in_size == out_size:
+  weights = _axis_weights(x, axis, out_size)
+  if weights is None:
     return x
-  i0, i1, lam = source_indices(in_size, out_size, x.dtype)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  lam = lam.reshape(shape)
+  i0, i1, lam = weights
   out = np.take(x, i0, axis=axis)
   out *= 1 - lam                      # in place: outputs can be large (original image sizes)
   upper = np.take(x, i1, axis=axis)
