@@ -3,6 +3,8 @@
   python -m birefnet_jax.main --config configs/quickstart.py --workdir runs/quick
   python -m birefnet_jax.main --config configs/dis.py --workdir runs/dis \\
       --config.data.root=/data --config.init_from=converted/swin_l_imagenet --config.total_steps=1000
+  python -m birefnet_jax.main --config configs/dis.py:backbone=swin_v1_t,size=512 --workdir runs/t \\
+      --config.data.root=/data      # a recipe's variant (birefnet_jax/recipes.py)
 
 Rerunning with the same --workdir resumes from its latest checkpoint.
 
