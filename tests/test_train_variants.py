@@ -88,7 +88,8 @@ def compute_accumulation(out):
   def make(accum):
     opt = config.optim.copy_and_resolve_references()
     opt.grad_accum_steps = accum
-    tx, schedule = optim.make_optimizer(opt, steps_per_epoch=4)   # in updates, as train.py
+    tx, schedule = optim.make_optimizer(opt, steps_per_epoch=4,   # in updates, as train.py
+                                        epochs=config.epochs)
     step = jax.jit(train.make_train_step(model, tx, schedule, base_rng=jax.random.key(1),
                                          deterministic=True, use_class_labels=False,
                                          grad_accum_steps=accum, return_grads=True))
@@ -211,7 +212,8 @@ def compute_bf16_step(out):
   batch = dict(image=jnp.asarray(reference.nhwc(io['input'])),
                mask=jnp.asarray(reference.nhwc(io['gt'])))
   lambdas = {k: jnp.float32(v) for k, v in losses.pixel_lambdas('DIS5K').items() if v}
-  tx, schedule = optim.make_optimizer(quickstart_config().optim, steps_per_epoch=1)
+  config = quickstart_config()
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=1, epochs=config.epochs)
   results = {}
   for dtype in ('float32', 'bfloat16'):
     model_cfg = cfg.copy_and_resolve_references()
