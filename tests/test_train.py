@@ -45,7 +45,7 @@ def run_main(workdir, cache_dir, *flags, stderr=False):
   cmd = [sys.executable, '-m', 'birefnet_jax.main', '--config', str(ROOT / 'configs/quickstart.py'),
          '--workdir', str(workdir), *FAST, *flags]
   proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True,
-                        timeout=900, check=False)
+                        timeout=1800, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return (proc.stdout, proc.stderr) if stderr else proc.stdout
 
