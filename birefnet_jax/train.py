@@ -252,8 +252,7 @@ def make_predict_fn(model):
   """predict(state, images) -> sigmoid probabilities (B, H, W) float32 (eval mode)."""
 
   def predict(state: TrainState, images):
-    logits = model.apply(state.variables, images, train=False)
-    return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+    return inference.model_probabilities(model, state.variables, images)[..., 0]
 
   return predict
 
