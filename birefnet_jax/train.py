@@ -81,16 +81,28 @@ def resolve_schedule(config, num_train_examples: Optional[int], batch_size: int)
   return steps_per_epoch, epochs, total_steps
 
 
-def loss_lambdas(config, step: int, steps_per_epoch: int, epochs: int) -> dict:
+def loss_lambdas(config, step: int, steps_per_epoch: int, epochs: int,
+                 data_parallel: int = 1) -> dict:
   """Pixel-loss lambdas for ``step``: the official ones, decayed in the last N epochs.
 
   Criteria whose official lambda is 0 are left out (the loss skips them statically); the others
   are passed to the step as traced scalars, so the decay never recompiles the step.
+
+  ``data_parallel``: the number of devices the global batch is split over. The official IoU loss
+  is a *sum* over each GPU's own batch (the other terms are means) and DDP averages the GPUs'
+  gradients, so on N GPUs it weighs ``sum over the global batch / N``. Our step computes one loss
+  over the whole global batch, so the IoU lambda is divided by the device count: N devices train
+  as the official code does on N GPUs with the same per-device batch (1 device: unchanged).
   """
+  if data_parallel < 1:
+    raise ValueError(f'train.loss_lambdas: data_parallel must be >= 1, got {data_parallel}')
   base = {k: v for k, v in losses.pixel_lambdas(config.task).items() if v != 0}
   epoch = step // steps_per_epoch + 1          # 1-based, as the official loop
   started = losses.finetune_epochs_started(epoch, epochs, int(config.finetune_last_epochs))
-  return losses.finetune_lambdas(base, started, config.task) if started else base
+  lambdas = losses.finetune_lambdas(base, started, config.task) if started else base
+  if 'iou' in lambdas and data_parallel > 1:
+    lambdas = dict(lambdas, iou=lambdas['iou'] / data_parallel)
+  return lambdas
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -453,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
-      lambdas = loss_lambdas(config, step - 1, steps_per_epoch, epochs)
+      lambdas = loss_lambdas(config, step - 1, steps_per_epoch, epochs,
+                             data_parallel=jax.device_count())
       if lambdas != lambdas_host:   # changes once per finetune epoch: a tiny transfer
         lambdas_host = lambdas
         lambdas_dev = sharding.put_replicated({k: np.float32(v) for k, v in lambdas.items()}, mesh)

@@ -87,6 +87,42 @@ def test_loss_lambdas_decay_in_the_official_finetune_window():
   assert train.loss_lambdas(config, 500 * 10 - 1, 10, 500)['iou'] == 0.5 * 0.5 ** 40
 
 
+def test_on_n_devices_the_loss_is_the_official_ddp_average_of_per_gpu_losses():
+  """Official DDP: each of N GPUs computes the loss of its own batch (IoU a sum over it, the
+  other terms means) and the gradients are averaged. One loss over the global batch with
+  ``loss_lambdas(..., data_parallel=N)`` must equal that average, value and gradient."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from birefnet_jax import losses  # pylint: disable=g-import-not-at-top
+
+  config = load('general')                  # bce, iou, ssim and mae all active
+  n, per_gpu = 4, 2
+  official = train.loss_lambdas(config, 0, 1, 200)
+  ours = train.loss_lambdas(config, 0, 1, 200, data_parallel=n)
+  assert ours == dict(official, iou=official['iou'] / n) and official['iou'] == 0.5
+
+  rng = np.random.default_rng(0)
+  gt = jnp.asarray(rng.random((n * per_gpu, 16, 16, 1)) > 0.5, jnp.float32)
+  logits = [jnp.asarray(rng.normal(size=(n * per_gpu, s, s, 1)), jnp.float32) for s in (4, 8, 16)]
+
+  def global_loss(logits):
+    return losses.pixel_loss(logits, gt, ours)[0]
+
+  def ddp_loss(logits):
+    shard = lambda a, i: a[i * per_gpu:(i + 1) * per_gpu]
+    return sum(losses.pixel_loss([shard(l, i) for l in logits], shard(gt, i), official)[0]
+               for i in range(n)) / n
+
+  np.testing.assert_allclose(global_loss(logits), ddp_loss(logits), rtol=1e-5)
+  for a, b in zip(jax.grad(global_loss)(logits), jax.grad(ddp_loss)(logits)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # Without the division the IoU term would weigh N times the official one: the test can fail.
+  assert abs(losses.pixel_loss(logits, gt, official)[0] - ddp_loss(logits)) > 1e-2
+  with pytest.raises(ValueError, match='data_parallel'):
+    train.loss_lambdas(config, 0, 1, 200, data_parallel=0)
+
+
 def test_quickstart_is_small():
   config = load('quickstart')
   assert config.data.source == 'synthetic'
