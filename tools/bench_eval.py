@@ -1,7 +1,7 @@
 r"""ms per image of birefnet_jax.metrics vs the reference implementations, side by side.
 
-  python tools/bench_eval.py [--synthetic 8] [--size 1024] [--workers N]
-                             [--birefnet_repo PATH_TO_OFFICIAL_CHECKOUT]
+  python tools/bench_eval.py [--synthetic 8] [--size 1024] [--workers N] [--repeats R]
+                             [--cv2_threads T] [--birefnet_repo PATH_TO_OFFICIAL_CHECKOUT]
 
 Measures, in one run and on the same in-memory uint8 pairs (image decoding excluded):
 
@@ -12,8 +12,8 @@ Measures, in one run and on the same in-memory uint8 pairs (image decoding exclu
   ``HumanCorrectionEffortMeasure`` (the same point-by-point algorithm; skeleton included).
   With ``--birefnet_repo`` the baseline also counts the official ``MBAMeasure`` and
   ``BIoUMeasure`` (without it, it has no mBA / BIoU, and says so);
-* ours on one core (``image_metrics``), with a per-part breakdown (mBA and BIoU on their own
-  lines: the baseline has no counterpart for them, see ``--birefnet_repo``);
+* ours on one core (``image_metrics``), with a per-part breakdown (the median of ``--repeats``
+  interleaved runs per pair; mBA and BIoU on their own lines);
 * ours over all cores (``evaluate_pairs(workers=N)``, wall time / images).
 
 Pairs: the fixture's ~1024 px ``dis_large_*`` pairs (../shared/reference/metrics) and seeded
@@ -141,7 +141,7 @@ def ours_breakdown(pred, gt):
   return times
 
 
-def bench(label, pairs, workers, hce_fn, hce_label, module=None):
+def bench(label, pairs, workers, hce_fn, hce_label, module=None, repeats=1):
   print(f'\n== {label}: {len(pairs)} pairs, sizes '
         f'{sorted({p[2].shape for p in pairs})} ==')
   base = [baseline_time(pred, gt, hce_fn) for _, pred, gt in pairs]
@@ -163,8 +163,10 @@ def bench(label, pairs, workers, hce_fn, hce_label, module=None):
     tic = time.perf_counter()
     metrics.image_metrics(pred, gt)
     ours_one.append(time.perf_counter() - tic)
-    for k, v in ours_breakdown(pred, gt).items():
-      parts.setdefault(k, []).append(v)
+  for _ in range(repeats):   # the parts interleaved, so that a busy machine slows all alike
+    for _, pred, gt in pairs:
+      for k, v in ours_breakdown(pred, gt).items():
+        parts.setdefault(k, []).append(v)
   tic = time.perf_counter()
   metrics.evaluate_pairs([p for _, p, _ in pairs], [g for _, _, g in pairs], workers=workers)
   ours_all = (time.perf_counter() - tic) / len(pairs)
@@ -177,8 +179,9 @@ def bench(label, pairs, workers, hce_fn, hce_label, module=None):
   print(f'baseline (pysodmetrics + {hce_label}), 1 process: {base_ms:8.1f} ms/image')
   print(f'ours, 1 process:                              {one_ms:8.1f} ms/image   '
         f'x{base_ms / one_ms:.2f} faster')
+  print(f'    parts, median of {repeats} x {len(pairs)} runs:')
   for k, v in parts.items():
-    print(f'    {k:<24} {1000 * statistics.mean(v):8.1f} ms')
+    print(f'    {k:<24} {1000 * statistics.median(v):8.1f} ms')
   if skimage_times:
     print(f'    (skimage skeletonize alone: {1000 * statistics.mean(skimage_times):.1f} ms)')
   for k, v in official_boundary.items():
@@ -197,9 +200,14 @@ def main(argv=None):
   parser.add_argument('--birefnet_repo', default=None,
                       help='official BiRefNet checkout, for its HCE (else pysodmetrics HCE)')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--repeats', type=int, default=1, help='runs of each part per pair')
+  parser.add_argument('--cv2_threads', type=int, default=None,
+                      help="OpenCV threads (evaluate's worker processes use 1)")
   args = parser.parse_args(argv)
   warnings.filterwarnings('ignore', message='This class will be removed')
 
+  if args.cv2_threads is not None:
+    cv2.setNumThreads(args.cv2_threads)
   module = official_module(args.birefnet_repo) if args.birefnet_repo else None
   hce_fn = official_hce(module) if module else None
   hce_label = 'official cal_hce + skimage skeleton' if hce_fn else 'pysodmetrics HCE'
@@ -208,10 +216,11 @@ def main(argv=None):
   fixture = pathlib.Path(args.fixture_dir)
   if (fixture / 'gt').is_dir():
     bench('fixture dis_large pairs', fixture_pairs(fixture), args.workers, hce_fn, hce_label,
-          module)
+          module, args.repeats)
   rng = np.random.default_rng(args.seed)
   synthetic = [(f'syn{i}',) + synthetic_pair(rng, args.size) for i in range(args.synthetic)]
-  bench(f'synthetic {args.size}^2 pairs', synthetic, args.workers, hce_fn, hce_label, module)
+  bench(f'synthetic {args.size}^2 pairs', synthetic, args.workers, hce_fn, hce_label, module,
+        args.repeats)
 
 
 if __name__ == '__main__':
