@@ -45,7 +45,7 @@ def boundary_accuracy(pred_u8: np.ndarray, gt_u8: np.ndarray):
   gt = (gt_u8 > 128).view(np.uint8)
   if not gt.any() or gt.all():
     return None   # no boundary pixel at any radius: the official 0/0 = NaN
-  # 1 where the prediction is wrong: (pred_u8 > 128) != gt.
+  # 255 where the prediction is wrong: (pred_u8 > 128) != (gt_u8 > 128).
   wrong = cv2.compare(pred_u8, 128, cv2.CMP_GT)
   wrong = cv2.bitwise_xor(wrong, cv2.multiply(gt, 255))
   h, w = gt.shape

@@ -4,8 +4,9 @@ Dataset values (``shared/reference/metrics/README.md`` section 12): maxFm / mean
 meanEm / maxBIoU / meanBIoU are the max / mean of the *mean curve over images*; adpFm, adpEm,
 Sm, wFm, MAE and HCE are means of the per-image values (BiRefNet prints HCE rounded to an
 integer; we return the mean). mBA is the mean over the images whose GT has a boundary (the
-official mean is NaN as soon as one GT is empty or full; None here when no GT has one). Per-image values are accumulated in the order given; ``evaluate_pairs`` keeps the
-input order whatever the number of workers, so results do not depend on ``workers``.
+official mean is NaN as soon as one GT is empty or full; None here when no GT has one).
+Per-image values are accumulated in the order given; ``evaluate_pairs`` keeps the input order
+whatever the number of workers, so results do not depend on ``workers``.
 """
 
 import multiprocessing
