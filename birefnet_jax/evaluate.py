@@ -1,6 +1,7 @@
 r"""Evaluate saved prediction maps against ground truth, as BiRefNet / DIS5K report them.
 
-  python -m birefnet_jax.evaluate --pred_dir P --gt_dir G [--json OUT] [--workers N]
+  python -m birefnet_jax.evaluate --pred_dir P --gt_dir G [--json OUT] [--plot DIR]
+                                  [--workers N]
 
 Accepted layouts (images: the extensions of ``data.decode.IMAGE_EXTENSIONS``, as ``predict``
 reads: .png .jpg .jpeg .bmp .tif .tiff .webp ...; pairs are matched by file stem):
@@ -14,13 +15,19 @@ Every GT image needs a prediction: a missing one is an error that lists them, un
 ``--skip_missing`` (then a warning, and those images are left out). Predictions without GT are
 ignored. Both images are read as 8-bit grayscale; a prediction of another size is resized to
 the GT size (cv2 INTER_LINEAR). Metrics: ``birefnet_jax.metrics`` (numbers identical to
-pysodmetrics / the official BiRefNet evaluation; HCE is the official relaxed HCE, gamma 5).
+pysodmetrics / the official BiRefNet evaluation; HCE is the official relaxed HCE, gamma 5;
+mBA and BIoU the official boundary metrics).
 
 Prints one row per dataset in the DIS5K table order of the BiRefNet paper (values <= 1 as
 ``.xxx``, HCE as an integer) and a progress line (images/s) on stderr. ``--json OUT`` writes
 the full-precision values (HCE: the mean over images): for one dataset the object
-``{Sm, MAE, maxFm, meanFm, adpFm, wFm, maxEm, meanEm, adpEm, HCE, n_images}``, for several
-``{DATASET: {...}, ...}``.
+``{Sm, MAE, maxFm, meanFm, adpFm, wFm, maxEm, meanEm, adpEm, HCE, mBA, maxBIoU, meanBIoU,
+n_images}``, for several ``{DATASET: {...}, ...}``. mBA is the mean over the images whose GT
+has a boundary (a warning names the others; null if none has one).
+
+``--plot DIR`` (needs matplotlib: ``pip install 'birefnet_jax[plot]'``) writes per dataset
+the precision-recall curve and the F-measure and E-measure curves over the 256 thresholds as
+PNG files, and the plotted numbers as JSON (``birefnet_jax.curve_plots``).
 """
 
 import argparse
@@ -29,15 +36,17 @@ import pathlib
 import sys
 import time
 
+from birefnet_jax import curve_plots
 from birefnet_jax import writing
 from birefnet_jax.data import decode
 from birefnet_jax.errors import UserError, report
 from birefnet_jax.metrics import evaluation
 
-# The DIS5K column order of BiRefNet's eval_existingOnes.py (mBA and BIoU not computed here).
+# The DIS5K column order of BiRefNet's eval_existingOnes.py.
 TABLE_COLUMNS = (('maxFm', 'maxFm'), ('wFmeasure', 'wFm'), ('MAE', 'MAE'), ('Smeasure', 'Sm'),
                  ('meanEm', 'meanEm'), ('HCE', 'HCE'), ('maxEm', 'maxEm'), ('meanFm', 'meanFm'),
-                 ('adpEm', 'adpEm'), ('adpFm', 'adpFm'), ('n', 'n_images'))
+                 ('adpEm', 'adpEm'), ('adpFm', 'adpFm'), ('mBA', 'mBA'),
+                 ('maxBIoU', 'maxBIoU'), ('meanBIoU', 'meanBIoU'), ('n', 'n_images'))
 
 
 def images_by_stem(directory: pathlib.Path) -> dict:
@@ -98,6 +107,7 @@ def pair_files(name, gt_images, pred_dir, skip_missing=False):
 
 
 def evaluate_dataset(name, stems, preds, gts, workers, with_hce=True, progress=sys.stderr):
+  """The dataset's MetricAccumulator, filled with every pair."""
   acc = evaluation.MetricAccumulator(with_hce=with_hce)
   start = last = time.perf_counter()
   results = evaluation.iter_image_metrics(preds, gts, workers=workers, with_hce=with_hce)
@@ -118,7 +128,13 @@ def evaluate_dataset(name, stems, preds, gts, workers, with_hce=True, progress=s
     raise
   if progress is not None:
     print(file=progress)
-  return acc.result()
+  no_boundary = acc.without_boundary()
+  if no_boundary:
+    shown = ', '.join(map(str, no_boundary[:10])) + (', ...' if len(no_boundary) > 10 else '')
+    print(f'warning: dataset {name}: {len(no_boundary)} of {len(stems)} GT images have no '
+          f'boundary (empty or full: {shown}); mBA is the mean over the other '
+          f'{len(stems) - len(no_boundary)}', file=sys.stderr)
+  return acc
 
 
 def format_value(key, value):
@@ -151,6 +167,9 @@ def parse_args(argv):
   parser.add_argument('--pred_dir', required=True, help='predictions (8-bit maps)')
   parser.add_argument('--gt_dir', required=True, help='ground truth (see layouts above)')
   parser.add_argument('--json', default=None, help='write the dataset values here')
+  parser.add_argument('--plot', default=None, metavar='DIR',
+                      help='write the precision-recall, F- and E-measure curves of each dataset '
+                      'here as PNG files (needs matplotlib)')
   parser.add_argument('--workers', type=int, default=None,
                       help='processes over images (default: all cores)')
   parser.add_argument('--skip_missing', action='store_true',
@@ -165,6 +184,9 @@ def run(args) -> dict:
   """The evaluation the arguments ask for; UserError for a bad request."""
   if args.json:   # before the (long) evaluation
     writing.check_output_file(args.json, '--json', overwrite=True)
+  if args.plot:
+    curve_plots.require_matplotlib()
+    writing.check_output_folder(args.plot, '--plot')
   try:
     datasets = find_datasets(args.gt_dir, args.pred_dir)
     pairs = [(name,) + pair_files(name, gts, pred_dir, args.skip_missing)
@@ -176,14 +198,20 @@ def run(args) -> dict:
     if not stems:
       print(f'WARNING: dataset {name}: nothing to evaluate.', file=sys.stderr)
       continue
-    results[name] = evaluate_dataset(name, stems, preds, gts, args.workers,
-                                     with_hce=not args.no_hce,
-                                     progress=None if args.quiet else sys.stderr)
+    acc = evaluate_dataset(name, stems, preds, gts, args.workers, with_hce=not args.no_hce,
+                           progress=None if args.quiet else sys.stderr)
+    results[name] = acc.result()
+    if args.plot:
+      curve_plots.write_curve_plots(args.plot, name, acc.curves())
   if not results:
     raise UserError(f'nothing to evaluate: no GT image in {args.gt_dir} has a prediction in '
                     f'{args.pred_dir}', 'check --pred_dir (predictions are matched to GT '
                     'images by file stem)')
   print(format_table(results))
+  if args.plot:
+    print(f'curves of {len(results)} dataset(s) in {args.plot}: '
+          'DATASET_{precision_recall,f_measure,e_measure}.png, DATASET_curves.json',
+          file=sys.stderr)
   if args.json:
     data = next(iter(results.values())) if len(results) == 1 else results
     writing.write_atomically(args.json, json.dumps(data, indent=2).encode())

@@ -277,7 +277,8 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
   """Validation on every set of ``config.data.val_sets``, as the official evaluation.
 
   Predictions at the network size are resized back to each GT's size with align_corners
-  bilinear, truncated to uint8, and scored with ``birefnet_jax.metrics.MetricAccumulator``.
+  bilinear, truncated to uint8, and scored with ``birefnet_jax.metrics.MetricAccumulator``
+  (every metric of ``evaluate``, mBA and BIoU included).
   Every process feeds its share of each batch; the (replicated) output is scored on process 0.
   Returns ({'<set>/<metric>': value}, [sample panels]).
   """
@@ -321,7 +322,8 @@ def evaluate(predict, state, config, mesh, *, num_samples: int = 0):
           panels.append(sample_panel(example['image'], gt, pred))
     if jax.process_index() == 0:
       for k, v in accumulator.result().items():
-        results[f'{set_name}/{k}'] = float(v)
+        if v is not None:   # mBA when no GT of the set has a boundary (empty or full masks)
+          results[f'{set_name}/{k}'] = float(v)
   return results, panels
 
 

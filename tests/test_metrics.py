@@ -1,12 +1,15 @@
 """birefnet_jax.metrics against the field's reference values.
 
 References: shared/reference/metrics (expected.json and curves.npz, produced by pysodmetrics
-and the official BiRefNet / DIS HCE code), and, on random inputs, pysodmetrics, scipy and
-scikit-image themselves (test extras; those tests are skipped where they are not installed).
+and the official BiRefNet / DIS HCE code), tests/data/boundary_metrics_golden.npz (mBA and
+BIoU of the same pairs from the official BiRefNet code, tools/make_boundary_golden.py), and, on
+random inputs, pysodmetrics, scipy and scikit-image themselves (test extras; those tests are
+skipped where they are not installed).
 The metric code is numpy + OpenCV only (no JAX), so no JAX precision settings apply here.
 """
 
 import json
+import pathlib
 
 import cv2
 import numpy as np
@@ -23,6 +26,7 @@ CURVES = np.load(REFERENCE / 'curves.npz')
 PAIRS = EXPECTED['pairs']
 FLOAT_KEYS = ('Sm', 'MAE', 'wFm', 'maxFm', 'meanFm', 'adpFm', 'maxEm', 'meanEm', 'adpEm')
 TOL = 1e-9
+BOUNDARY = np.load(pathlib.Path(__file__).parent / 'data' / 'boundary_metrics_golden.npz')
 
 
 @pytest.fixture(scope='module')
@@ -53,6 +57,17 @@ def test_per_image_values(per_image, index):
                             ('recall', 'per_image_recall')):
     np.testing.assert_allclose(ours['curves'][ours_key], CURVES[ref_key][index], rtol=0,
                                atol=TOL, err_msg=ours_key)
+  # mBA and BIoU: the official values (NaN = official 0/0 for a GT without boundary: None).
+  assert BOUNDARY['fixture_names'][index] == pair['name']
+  official_mba = BOUNDARY['fixture_mba'][index]
+  if np.isnan(official_mba):
+    assert ours['mBA'] is None
+  else:
+    assert abs(ours['mBA'] - official_mba) <= TOL, (ours['mBA'], official_mba)
+  official_biou = BOUNDARY['fixture_biou'][index]
+  np.testing.assert_allclose(ours['curves']['biou'], official_biou, rtol=0, atol=TOL)
+  assert abs(ours['maxBIoU'] - official_biou.max()) <= TOL
+  assert abs(ours['meanBIoU'] - official_biou.mean()) <= TOL
 
 
 def test_dataset_values_and_curves(per_image):
@@ -69,6 +84,17 @@ def test_dataset_values_and_curves(per_image):
   for ours_key, ref_key in (('fm', 'fm_curve'), ('em', 'em_curve'),
                             ('precision', 'precision_curve'), ('recall', 'recall_curve')):
     np.testing.assert_allclose(curves[ours_key], CURVES[ref_key], rtol=0, atol=TOL)
+  # BIoU: the official evaluator's dataset curve. mBA: the official evaluator's value over the
+  # pairs whose GT has a boundary (over all pairs the official mean is NaN: 6 GTs are empty or
+  # full, and those are the ones left out).
+  np.testing.assert_allclose(curves['biou'], BOUNDARY['fixture_dataset_biou'], rtol=0, atol=TOL)
+  assert abs(result['maxBIoU'] - BOUNDARY['fixture_dataset_biou'].max()) <= TOL
+  assert abs(result['meanBIoU'] - BOUNDARY['fixture_dataset_biou'].mean()) <= TOL
+  assert np.isnan(BOUNDARY['fixture_dataset_mba'])
+  assert abs(result['mBA'] - BOUNDARY['fixture_boundary_dataset_mba']) <= TOL
+  with_boundary = set(BOUNDARY['fixture_boundary_names'])
+  assert acc.without_boundary() == [p['name'] for p in PAIRS if p['name'] not in with_boundary]
+  assert len(acc.without_boundary()) == 6
 
 
 def test_evaluate_pairs_parallel_from_paths_and_arrays():

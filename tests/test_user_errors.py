@@ -371,6 +371,21 @@ def test_evaluate_json_target_checked_before_evaluating(tmp_path, read_only_fold
   one_error(out.err, f'--json {tmp_path} is a folder')
 
 
+def test_evaluate_plot_target_checked_before_evaluating(tmp_path, read_only_folder, capsys):
+  pytest.importorskip('matplotlib')
+  gt, pred = metric_pairs(tmp_path)
+  status, out = evaluate_main(['--gt_dir', gt, '--pred_dir', pred, '--plot',
+                               read_only_folder / 'curves'], capsys)
+  assert status == 1
+  one_error(out.err, '--plot', 'cannot write in')
+  assert 'Dataset' not in out.out                             # nothing was evaluated
+  (tmp_path / 'a_file').write_text('')
+  status, out = evaluate_main(['--gt_dir', gt, '--pred_dir', pred, '--plot',
+                               tmp_path / 'a_file'], capsys)
+  assert status == 1
+  one_error(out.err, f'--plot {tmp_path / "a_file"} is a file, not a folder')
+
+
 def test_evaluate_skip_missing_with_nothing_left_fails(tmp_path, capsys):
   gt, _ = metric_pairs(tmp_path)
   empty = tmp_path / 'no_predictions'
@@ -391,7 +406,9 @@ def test_evaluate_tiny_image_warns_and_keeps_the_value(tmp_path, capsys):
   status, out = evaluate_main(['--gt_dir', gt, '--pred_dir', pred, '--json', scores], capsys)
   assert status == 0
   warnings = [l for l in out.err.splitlines() if l.startswith('warning:')]
-  assert len(warnings) == 1 and str(gt / 'dot.png') in warnings[0] and '1x1' in warnings[0]
+  assert len(warnings) == 2 and str(gt / 'dot.png') in warnings[0] and '1x1' in warnings[0]
+  # A full GT has no boundary: left out of mBA, by name.
+  assert '1 of 2 GT images have no boundary' in warnings[1] and 'dot' in warnings[1]
   assert json.loads(scores.read_text())['maxEm'] > 1e15      # faithful to pysodmetrics
   assert mode(scores) == 0o666 & ~writing.UMASK
 

@@ -1,7 +1,7 @@
 r"""ms per image of birefnet_jax.metrics vs the reference implementations, side by side.
 
-  python tools/bench_eval.py [--synthetic 8] [--size 1024] [--workers N]
-                             [--birefnet_repo PATH_TO_OFFICIAL_CHECKOUT]
+  python tools/bench_eval.py [--synthetic 8] [--size 1024] [--workers N] [--repeats R]
+                             [--cv2_threads T] [--birefnet_repo PATH_TO_OFFICIAL_CHECKOUT]
 
 Measures, in one run and on the same in-memory uint8 pairs (image decoding excluded):
 
@@ -9,8 +9,11 @@ Measures, in one run and on the same in-memory uint8 pairs (image decoding exclu
   + HCE. HCE is the official BiRefNet ``HCEMeasure.cal_hce`` with ``skimage`` skeletonize
   when ``--birefnet_repo`` points at a checkout of github.com/ZhengPeng7/BiRefNet (its
   ``evaluation/metrics.py`` is imported from there, never copied), else pysodmetrics'
-  ``HumanCorrectionEffortMeasure`` (the same point-by-point algorithm; skeleton included);
-* ours on one core (``image_metrics``), with a per-part breakdown;
+  ``HumanCorrectionEffortMeasure`` (the same point-by-point algorithm; skeleton included).
+  With ``--birefnet_repo`` the baseline also counts the official ``MBAMeasure`` and
+  ``BIoUMeasure`` (without it, it has no mBA / BIoU, and says so);
+* ours on one core (``image_metrics``), with a per-part breakdown (the median of ``--repeats``
+  interleaved runs per pair; mBA and BIoU on their own lines);
 * ours over all cores (``evaluate_pairs(workers=N)``, wall time / images).
 
 Pairs: the fixture's ~1024 px ``dis_large_*`` pairs (../shared/reference/metrics) and seeded
@@ -33,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from birefnet_jax import metrics  # pylint: disable=g-import-not-at-top
+from birefnet_jax.metrics import boundary  # pylint: disable=g-import-not-at-top
 from birefnet_jax.metrics import hce as hce_lib  # pylint: disable=g-import-not-at-top
 from birefnet_jax.metrics import sod  # pylint: disable=g-import-not-at-top
 
@@ -64,15 +68,32 @@ def fixture_pairs(directory):
   return pairs
 
 
-def official_hce(repo):
-  """``cal_hce`` + skimage skeleton from an official BiRefNet checkout, or None."""
+def official_module(repo):
+  """``evaluation/metrics.py`` of an official BiRefNet checkout (imported, not copied)."""
   path = pathlib.Path(repo) / 'evaluation' / 'metrics.py'
   spec = importlib.util.spec_from_file_location('birefnet_official_metrics', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def official_hce(module):
+  """``cal_hce`` + skimage skeleton from the official module."""
   from skimage.morphology import skeletonize  # pylint: disable=g-import-not-at-top
   measure = module.HCEMeasure()
   return lambda pred, gt: measure.cal_hce(pred, gt, skeletonize(gt > 128))
+
+
+def official_boundary_times(module, pairs):
+  """ms per image of the official MBAMeasure and BIoUMeasure ``step`` (one process)."""
+  times = {'official MBAMeasure': [], 'official BIoUMeasure': []}
+  for _, pred, gt in pairs:
+    for label, measure in (('official MBAMeasure', module.MBAMeasure()),
+                           ('official BIoUMeasure', module.BIoUMeasure())):
+      tic = time.perf_counter()
+      measure.step(pred=pred, gt=gt)
+      times[label].append(time.perf_counter() - tic)
+  return {k: 1000 * statistics.mean(v) for k, v in times.items()}
 
 
 def baseline_time(pred, gt, hce_fn):
@@ -111,13 +132,21 @@ def ours_breakdown(pred, gt):
   tic = time.perf_counter()
   hce_lib.hce_components(pred, gt, skeleton)
   times['HCE (skeleton given)'] = time.perf_counter() - tic
+  tic = time.perf_counter()
+  boundary.boundary_accuracy(pred, gt)
+  times['mBA'] = time.perf_counter() - tic
+  tic = time.perf_counter()
+  boundary.boundary_iou_curve(pred, gt_bool, values)
+  times['BIoU'] = time.perf_counter() - tic
   return times
 
 
-def bench(label, pairs, workers, hce_fn, hce_label):
+def bench(label, pairs, workers, hce_fn, hce_label, module=None, repeats=1):
   print(f'\n== {label}: {len(pairs)} pairs, sizes '
         f'{sorted({p[2].shape for p in pairs})} ==')
   base = [baseline_time(pred, gt, hce_fn) for _, pred, gt in pairs]
+  official_boundary = official_boundary_times(module, pairs) if module is not None else {}
+  boundary_ms = sum(official_boundary.values())
   try:
     from skimage.morphology import skeletonize as skimage_skeletonize  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -134,20 +163,29 @@ def bench(label, pairs, workers, hce_fn, hce_label):
     tic = time.perf_counter()
     metrics.image_metrics(pred, gt)
     ours_one.append(time.perf_counter() - tic)
-    for k, v in ours_breakdown(pred, gt).items():
-      parts.setdefault(k, []).append(v)
+  for _ in range(repeats):   # the parts interleaved, so that a busy machine slows all alike
+    for _, pred, gt in pairs:
+      for k, v in ours_breakdown(pred, gt).items():
+        parts.setdefault(k, []).append(v)
   tic = time.perf_counter()
   metrics.evaluate_pairs([p for _, p, _ in pairs], [g for _, _, g in pairs], workers=workers)
   ours_all = (time.perf_counter() - tic) / len(pairs)
-  base_ms = 1000 * statistics.mean(base)
+  base_ms = 1000 * statistics.mean(base) + boundary_ms
   one_ms = 1000 * statistics.mean(ours_one)
+  if module is not None:
+    hce_label += ' + official MBA, BIoU'
+  else:
+    print('(no --birefnet_repo: the baseline lacks mBA and BIoU, which ours includes)')
   print(f'baseline (pysodmetrics + {hce_label}), 1 process: {base_ms:8.1f} ms/image')
   print(f'ours, 1 process:                              {one_ms:8.1f} ms/image   '
         f'x{base_ms / one_ms:.2f} faster')
+  print(f'    parts, median of {repeats} x {len(pairs)} runs:')
   for k, v in parts.items():
-    print(f'    {k:<24} {1000 * statistics.mean(v):8.1f} ms')
+    print(f'    {k:<24} {1000 * statistics.median(v):8.1f} ms')
   if skimage_times:
     print(f'    (skimage skeletonize alone: {1000 * statistics.mean(skimage_times):.1f} ms)')
+  for k, v in official_boundary.items():
+    print(f'    ({k}: {v:.1f} ms)')
   print(f'ours, {workers} processes (wall / images):          {1000 * ours_all:8.1f} ms/image   '
         f'x{base_ms / (1000 * ours_all):.2f} faster than the 1-process baseline')
 
@@ -162,19 +200,27 @@ def main(argv=None):
   parser.add_argument('--birefnet_repo', default=None,
                       help='official BiRefNet checkout, for its HCE (else pysodmetrics HCE)')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--repeats', type=int, default=1, help='runs of each part per pair')
+  parser.add_argument('--cv2_threads', type=int, default=None,
+                      help="OpenCV threads (evaluate's worker processes use 1)")
   args = parser.parse_args(argv)
   warnings.filterwarnings('ignore', message='This class will be removed')
 
-  hce_fn = official_hce(args.birefnet_repo) if args.birefnet_repo else None
+  if args.cv2_threads is not None:
+    cv2.setNumThreads(args.cv2_threads)
+  module = official_module(args.birefnet_repo) if args.birefnet_repo else None
+  hce_fn = official_hce(module) if module else None
   hce_label = 'official cal_hce + skimage skeleton' if hce_fn else 'pysodmetrics HCE'
   print(f'cpu cores: {os.cpu_count()}, workers for ours: {args.workers}, '
         f'cv2 threads: {cv2.getNumThreads()}')
   fixture = pathlib.Path(args.fixture_dir)
   if (fixture / 'gt').is_dir():
-    bench('fixture dis_large pairs', fixture_pairs(fixture), args.workers, hce_fn, hce_label)
+    bench('fixture dis_large pairs', fixture_pairs(fixture), args.workers, hce_fn, hce_label,
+          module, args.repeats)
   rng = np.random.default_rng(args.seed)
   synthetic = [(f'syn{i}',) + synthetic_pair(rng, args.size) for i in range(args.synthetic)]
-  bench(f'synthetic {args.size}^2 pairs', synthetic, args.workers, hce_fn, hce_label)
+  bench(f'synthetic {args.size}^2 pairs', synthetic, args.workers, hce_fn, hce_label, module,
+        args.repeats)
 
 
 if __name__ == '__main__':

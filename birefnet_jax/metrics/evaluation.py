@@ -1,10 +1,12 @@
 """Per-image evaluation, dataset aggregation as the field reports it, and a parallel driver.
 
 Dataset values (``shared/reference/metrics/README.md`` section 12): maxFm / meanFm / maxEm /
-meanEm are the max / mean of the *mean curve over images*; adpFm, adpEm, Sm, wFm, MAE and HCE
-are means of the per-image values (BiRefNet prints HCE rounded to an integer; we return the
-mean). Per-image values are accumulated in the order given; ``evaluate_pairs`` keeps the
-input order whatever the number of workers, so results do not depend on ``workers``.
+meanEm / maxBIoU / meanBIoU are the max / mean of the *mean curve over images*; adpFm, adpEm,
+Sm, wFm, MAE and HCE are means of the per-image values (BiRefNet prints HCE rounded to an
+integer; we return the mean). mBA is the mean over the images whose GT has a boundary (the
+official mean is NaN as soon as one GT is empty or full; None here when no GT has one).
+Per-image values are accumulated in the order given; ``evaluate_pairs`` keeps the input order
+whatever the number of workers, so results do not depend on ``workers``.
 """
 
 import multiprocessing
@@ -15,12 +17,13 @@ import cv2
 import numpy as np
 
 from birefnet_jax.errors import UserError
+from birefnet_jax.metrics import boundary
 from birefnet_jax.metrics import hce as hce_lib
 from birefnet_jax.metrics import sod
 
 METRIC_KEYS = ('Sm', 'MAE', 'maxFm', 'meanFm', 'adpFm', 'wFm', 'maxEm', 'meanEm', 'adpEm',
-               'HCE', 'n_images')
-CURVE_KEYS = ('fm', 'em', 'precision', 'recall')
+               'HCE', 'mBA', 'maxBIoU', 'meanBIoU', 'n_images')
+CURVE_KEYS = ('fm', 'em', 'precision', 'recall', 'biou')
 _MEAN_KEYS = ('Sm', 'MAE', 'adpFm', 'wFm', 'adpEm', 'HCE')
 # Below this many pixels the E-measure's H*W - 1 denominator (pysodmetrics) inflates it by more
 # than 1 % (a 1x1 image: divided by eps, ~4.5e15): such images get a warning.
@@ -73,8 +76,9 @@ def _as_gray_u8(array, what):
 def image_metrics(pred_u8, gt_u8, gt_skeleton=None, with_hce=True) -> dict:
   """Every metric of one pair; the pred is resized to the GT first when needed.
 
-  Returns the scalars (``Sm, MAE, wFm, adpFm, adpEm, HCE`` and the per-image ``maxFm, meanFm,
-  maxEm, meanEm``), ``HCE_components`` and the 256-point ``curves`` (index i <-> q >= 255-i).
+  Returns the scalars (``Sm, MAE, wFm, adpFm, adpEm, HCE, mBA`` and the per-image ``maxFm,
+  meanFm, maxEm, meanEm, maxBIoU, meanBIoU``), ``HCE_components`` and the 256-point ``curves``
+  (index i <-> q >= 255-i). ``mBA`` is None when the GT has no boundary (empty or full).
   """
   gt_u8 = _as_gray_u8(gt_u8, 'gt')
   pred_u8 = match_prediction(_as_gray_u8(pred_u8, 'pred'), gt_u8)
@@ -86,11 +90,14 @@ def image_metrics(pred_u8, gt_u8, gt_skeleton=None, with_hce=True) -> dict:
   adp_fm, adp_em = sod.adaptive_measures(pred, values, hist)
   with np.errstate(invalid='ignore', divide='ignore'):   # degenerate S-measure quadrants
     sm = sod.s_measure(pred_u8, pred, gt, values, hist)
+  curves['biou'] = boundary.boundary_iou_curve(pred_u8, gt, values)
   result = dict(
       Sm=float(sm), MAE=float(sod.mean_absolute_error(values, hist)),
       wFm=float(sod.weighted_f_measure(pred, gt)),
       maxFm=float(curves['fm'].max()), meanFm=float(curves['fm'].mean()), adpFm=float(adp_fm),
       maxEm=float(curves['em'].max()), meanEm=float(curves['em'].mean()), adpEm=float(adp_em),
+      mBA=boundary.boundary_accuracy(pred_u8, gt_u8),
+      maxBIoU=float(curves['biou'].max()), meanBIoU=float(curves['biou'].mean()),
       curves=curves, size=gt_u8.shape)
   if with_hce:
     components = hce_lib.hce_components(pred_u8, gt_u8, gt_skeleton)
@@ -129,7 +136,10 @@ class MetricAccumulator:
       raise ValueError('MetricAccumulator.result(): no image was added')
     curves = self.curves()
     out = dict(maxFm=float(curves['fm'].max()), meanFm=float(curves['fm'].mean()),
-               maxEm=float(curves['em'].max()), meanEm=float(curves['em'].mean()))
+               maxEm=float(curves['em'].max()), meanEm=float(curves['em'].mean()),
+               maxBIoU=float(curves['biou'].max()), meanBIoU=float(curves['biou'].mean()))
+    accuracies = [r['mBA'] for r in self.per_image if r['mBA'] is not None]
+    out['mBA'] = float(np.mean(np.array(accuracies, np.float64))) if accuracies else None
     for key in _MEAN_KEYS:
       if key == 'HCE' and not self.with_hce:
         out[key] = None
@@ -137,6 +147,10 @@ class MetricAccumulator:
       out[key] = float(np.mean(np.array([r[key] for r in self.per_image], np.float64)))
     out['n_images'] = len(self.per_image)
     return {k: out[k] for k in METRIC_KEYS}
+
+  def without_boundary(self) -> list:
+    """Names of the images whose GT has no boundary (empty or full): left out of mBA."""
+    return [n for n, r in zip(self.names, self.per_image) if r['mBA'] is None]
 
 
 def _load_and_measure(job):
