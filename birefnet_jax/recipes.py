@@ -38,6 +38,8 @@ VARIANTS = {
     'backbone': 'a backbone preset: ' + ', '.join(list(SWIN_PRESETS) + list(PVT_PRESETS)),
     'size': 'the training resolution, N (N x N) or WxH, multiples of 32',
     'epochs': 'the number of training epochs (default: the official number for the task)',
+    'task': 'the official task whose recipe to use (loss weights, lr, epochs, finetune, '
+            'validation sets): ' + ', '.join(losses.TASKS),
 }
 
 
@@ -88,9 +90,12 @@ def recipe(task: str, *, backbone: str = 'swin_v1_l', image_size=(1024, 1024), e
   return config
 
 
-def task_recipe(task: str, arg=None) -> ml_collections.ConfigDict:
-  """``recipe(task)`` with the variant ``arg`` ('backbone=...,size=...,epochs=...') applied."""
-  return recipe(task, arg=arg or '', **parse_arg(arg))
+def task_recipe(task: str, arg=None, **defaults) -> ml_collections.ConfigDict:
+  """``recipe(task, **defaults)`` with the variant ``arg`` ('backbone=...,size=...,epochs=...,
+  task=...') applied over them."""
+  chosen = dict(defaults, task=task)
+  chosen.update(parse_arg(arg))
+  return recipe(chosen.pop('task'), arg=arg or '', **chosen)
 
 
 def parse_arg(arg) -> dict:
@@ -110,6 +115,10 @@ def parse_arg(arg) -> dict:
       chosen['backbone'] = value
     elif key == 'size':
       chosen['image_size'] = _parse_size(value)
+    elif key == 'task':
+      if value not in losses.TASKS:
+        raise UserError(f'config variant task={value}: unknown task', VARIANTS['task'])
+      chosen['task'] = value
     else:
       if not value.isdigit() or int(value) < 1:
         raise UserError(f'config variant epochs={value}: expected a positive integer')
