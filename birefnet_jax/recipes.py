@@ -10,6 +10,12 @@ ZhengPeng7/BiRefNet; see docs §8):
   weights decay in the last 40 (DIS5K) / 20 (others) epochs; checkpoints every 5 epochs in the
   last 50 (validation is a separate script there).
 
+The practical-use tasks (configs/general_2k.py, matting.py, hr.py, dynamic.py) are this recipe
+with the official task's numbers (config.py ``task``, ``size``, ``lambdas_pix_last``,
+``finetune_last_epochs``, ``dynamic_size``; train.sh epochs): General-2K at 2560x1440 for 250
+epochs, Matting with bce 30 / iou 0 / ssim 10 / mae 100 and a 10-epoch finetune, HR (General or,
+with ``task=Matting``, Matting) at 2048x2048, dynamic sizes 256..2304 on shape buckets.
+
 Choices of this port (documented where they differ):
   - lr = base * sqrt(global_batch / 4) on the *global* batch of the run (resolved at start-up:
     1.414e-4 for DIS5K at batch 8). The official code applies the formula to the per-GPU batch,
@@ -20,7 +26,8 @@ Choices of this port (documented where they differ):
     and checkpoints keep the latest 2 plus the best by S-measure on the first validation set.
 
 Variants, in big_vision's style: ``--config configs/dis.py:backbone=swin_v1_t,size=512`` calls
-``get_config('backbone=swin_v1_t,size=512')``, which ``parse_arg`` reads (see VARIANTS).
+``get_config('backbone=swin_v1_t,size=512')``, which ``parse_arg`` reads (see VARIANTS); a
+variant overrides the config file's own defaults (``configs/hr.py:task=Matting,size=1024``).
 """
 
 import ml_collections

@@ -96,6 +96,9 @@ def test_hr_matting_is_the_task_variant():
   assert config.task == 'Matting' and tuple(config.data.image_size) == (2048, 2048)
   assert config.epochs == 150 and config.finetune_last_epochs == -10
   assert train.loss_lambdas(config, 0, 10, 150) == dict(bce=30.0, ssim=10.0, mae=100.0)
+  # A variant overrides the config file's own defaults.
+  assert tuple(load('general_2k', 'size=1024').data.image_size) == (1024, 1024)
+  assert load('general_2k', 'backbone=swin_v1_t').model.backbone.embed_dim == 96
 
 
 def test_task_is_one_field():
