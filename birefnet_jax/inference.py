@@ -146,11 +146,12 @@ def cutout(image, mask, refine: bool = False):
 # The model.
 
 def with_inference_options(model, dtype: Optional[str], attention: Optional[str] = None):
-  """The same model computing in ``dtype`` ('float32', 'bfloat16' or 'float16'; parameters stay
-  float32; with a reduced dtype the convolutions and matmuls run in it while LayerNorm, softmax,
-  BatchNorm statistics, the deformable sampling and Swin's residual stream stay float32, as
-  under the official torch autocast, whose fp16 is the official inference default),
-  with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as configured)."""
+  """The same model computing in ``dtype`` ('float32', 'bfloat16' or 'float16'; None: as
+  configured), with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as
+  configured). Parameters stay float32. With a reduced dtype the convolutions and matmuls run in
+  it while LayerNorm, softmax, BatchNorm arithmetic, the deformable sampling and Swin's residual
+  stream stay float32, as under the official torch autocast (fp16 in the official tutorials,
+  bf16 in the official inference.py)."""
   changes = {}
   if dtype is not None and dtype != model.cfg.get('dtype', 'float32'):
     if dtype not in DTYPES:

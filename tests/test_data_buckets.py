@@ -77,3 +77,16 @@ def test_pipeline_batches_take_bucket_shapes():
   cfg.size_buckets = ((64, 160),)            # width 160 > 127: never drawn
   with pytest.raises(ValueError, match='outside data.dynamic_size'):
     pipeline.train_dataset(cfg, local_batch_size=2, seed=0)
+
+
+def test_a_bad_bucket_stops_main_before_start_up():
+  from birefnet_jax import main   # pylint: disable=g-import-not-at-top
+  from birefnet_jax.errors import UserError   # pylint: disable=g-import-not-at-top
+  from birefnet_jax import recipes   # pylint: disable=g-import-not-at-top
+  config = recipes.recipe('General', image_size=(64, 64))
+  config.data.source = 'synthetic'
+  config.batch_size = 1
+  config.data.dynamic_size = ((256, 2304), (256, 2304))
+  config.data.size_buckets = ((512, 512), (1000, 512))
+  with pytest.raises(UserError, match=r'\(1000, 512\) is not \(height, width\)'):
+    main.check_config(config)

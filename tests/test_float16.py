@@ -1,4 +1,4 @@
-"""--dtype float16 (the official inference's torch autocast fp16): the converted fixture model in
+"""--dtype float16 (the official tutorials' torch autocast fp16): the converted fixture model in
 float16 against the official float32 outputs, within a stated tolerance."""
 
 import jax
