@@ -1,7 +1,7 @@
 r"""Serializes the inference function with its weights (StableHLO via ``jax.export``).
 
   python -m birefnet_jax.export --checkpoint DST --output model.jaxexport \
-      [--resolution 1024x1024] [--batch_size 1|dynamic] [--dtype float32|bfloat16] \
+      [--resolution 1024x1024] [--batch_size 1|dynamic] [--dtype float32|bfloat16|float16] \
       [--platforms cpu,cuda] [--overwrite]
 
 The artifact maps ImageNet-normalized images (B, H, W, 3) float32 — RGB, ``(x / 255 - mean) /

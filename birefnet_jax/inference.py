@@ -39,7 +39,7 @@ from birefnet_jax.models.resize import resize_bilinear_align_corners_np
 from birefnet_jax.models.swin import ATTENTION_IMPLEMENTATIONS
 
 DEFAULT_RESOLUTION = '1024x1024'
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +146,12 @@ def cutout(image, mask, refine: bool = False):
 # The model.
 
 def with_inference_options(model, dtype: Optional[str], attention: Optional[str] = None):
-  """The same model computing in ``dtype`` ('float32' or 'bfloat16'; parameters stay float32),
-  with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as configured)."""
+  """The same model computing in ``dtype`` ('float32', 'bfloat16' or 'float16'; None: as
+  configured), with Swin window attention ``attention`` ('einsum', 'xla' or 'cudnn'; None: as
+  configured). Parameters stay float32. With a reduced dtype the convolutions and matmuls run in
+  it while LayerNorm, softmax, BatchNorm arithmetic, the deformable sampling and Swin's residual
+  stream stay float32, as under the official torch autocast (fp16 in the official tutorials,
+  bf16 in the official inference.py)."""
   changes = {}
   if dtype is not None and dtype != model.cfg.get('dtype', 'float32'):
     if dtype not in DTYPES:
@@ -259,6 +263,10 @@ def run_batches(forward, records, batch_size: int, max_waiting: Optional[int] = 
   def collect(job):
     entries, out = job
     out = np.asarray(out)
+    if not np.isfinite(out).all():   # e.g. an activation beyond float16's range (65504)
+      raise UserError('the model gave non-finite probabilities (NaN)',
+                      'with --dtype float16 an activation may have left float16\'s range: use '
+                      '--dtype bfloat16 or float32')
     for entry, probabilities in zip(entries, out):
       yield entry[0], entry[1], probabilities
 

@@ -262,6 +262,13 @@ def check_config(config):
   from birefnet_jax.data import sources  # pylint: disable=g-import-not-at-top
   sharding.local_batch_size(train.global_batch_size(config))
   sources.check_folders(config.data)
+  if config.data.get('size_buckets') is not None:
+    from birefnet_jax.data import buckets  # pylint: disable=g-import-not-at-top
+    try:
+      buckets.check_buckets(config.data.size_buckets, config.data.dynamic_size)
+    except ValueError as e:
+      raise UserError(str(e), 'data.size_buckets: (height, width) pairs, multiples of 32, '
+                      'inside data.dynamic_size') from None
 
 
 def _leave(status, multi_process):

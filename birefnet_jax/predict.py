@@ -1,7 +1,7 @@
 r"""Predicts masks for image files (and optionally RGBA cut-outs), as the official inference.py.
 
   python -m birefnet_jax.predict --checkpoint DST --input PATH [PATH ...] --output DIR \
-      [--resolution 1024x1024|WxH|original] [--batch_size 4] [--dtype float32|bfloat16] \
+      [--resolution 1024x1024|WxH|original] [--batch_size 4] [--dtype float32|bfloat16|float16] \
       [--attention einsum|xla|cudnn] [--cutout [--refine_foreground]] \
       [--overwrite | --skip_existing]
 
@@ -52,7 +52,8 @@ def parse_args(argv):
                            f'{inference.DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', type=int, default=1)
   parser.add_argument('--dtype', choices=inference.DTYPES, default='float32',
-                      help='compute dtype (parameters stay float32)')
+                      help='compute dtype (parameters stay float32); float16 as the official '
+                           "tutorials' torch autocast fp16")
   parser.add_argument('--attention', choices=ATTENTION_IMPLEMENTATIONS, default=None,
                       help="Swin window attention: einsum (default), xla, or cudnn (cuDNN's fused "
                            'kernel; GPU with --dtype bfloat16)')

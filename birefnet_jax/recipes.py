@@ -10,6 +10,12 @@ ZhengPeng7/BiRefNet; see docs §8):
   weights decay in the last 40 (DIS5K) / 20 (others) epochs; checkpoints every 5 epochs in the
   last 50 (validation is a separate script there).
 
+The practical-use tasks (configs/general_2k.py, matting.py, hr.py, dynamic.py) are this recipe
+with the official task's numbers (config.py ``task``, ``size``, ``lambdas_pix_last``,
+``finetune_last_epochs``, ``dynamic_size``; train.sh epochs): General-2K at 2560x1440 for 250
+epochs, Matting with bce 30 / iou 0 / ssim 10 / mae 100 and a 10-epoch finetune, HR (General or,
+with ``task=Matting``, Matting) at 2048x2048, dynamic sizes 256..2304 on shape buckets.
+
 Choices of this port (documented where they differ):
   - lr = base * sqrt(global_batch / 4) on the *global* batch of the run (resolved at start-up:
     1.414e-4 for DIS5K at batch 8). The official code applies the formula to the per-GPU batch,
@@ -20,7 +26,8 @@ Choices of this port (documented where they differ):
     and checkpoints keep the latest 2 plus the best by S-measure on the first validation set.
 
 Variants, in big_vision's style: ``--config configs/dis.py:backbone=swin_v1_t,size=512`` calls
-``get_config('backbone=swin_v1_t,size=512')``, which ``parse_arg`` reads (see VARIANTS).
+``get_config('backbone=swin_v1_t,size=512')``, which ``parse_arg`` reads (see VARIANTS); a
+variant overrides the config file's own defaults (``configs/hr.py:task=Matting,size=1024``).
 """
 
 import ml_collections
@@ -38,6 +45,8 @@ VARIANTS = {
     'backbone': 'a backbone preset: ' + ', '.join(list(SWIN_PRESETS) + list(PVT_PRESETS)),
     'size': 'the training resolution, N (N x N) or WxH, multiples of 32',
     'epochs': 'the number of training epochs (default: the official number for the task)',
+    'task': 'the official task whose recipe to use (loss weights, lr, epochs, finetune, '
+            'validation sets): ' + ', '.join(losses.TASKS),
 }
 
 
@@ -88,9 +97,12 @@ def recipe(task: str, *, backbone: str = 'swin_v1_l', image_size=(1024, 1024), e
   return config
 
 
-def task_recipe(task: str, arg=None) -> ml_collections.ConfigDict:
-  """``recipe(task)`` with the variant ``arg`` ('backbone=...,size=...,epochs=...') applied."""
-  return recipe(task, arg=arg or '', **parse_arg(arg))
+def task_recipe(task: str, arg=None, **defaults) -> ml_collections.ConfigDict:
+  """``recipe(task, **defaults)`` with the variant ``arg`` ('backbone=...,size=...,epochs=...,
+  task=...') applied over them."""
+  chosen = dict(defaults, task=task)
+  chosen.update(parse_arg(arg))
+  return recipe(chosen.pop('task'), arg=arg or '', **chosen)
 
 
 def parse_arg(arg) -> dict:
@@ -110,6 +122,10 @@ def parse_arg(arg) -> dict:
       chosen['backbone'] = value
     elif key == 'size':
       chosen['image_size'] = _parse_size(value)
+    elif key == 'task':
+      if value not in losses.TASKS:
+        raise UserError(f'config variant task={value}: unknown task', VARIANTS['task'])
+      chosen['task'] = value
     else:
       if not value.isdigit() or int(value) < 1:
         raise UserError(f'config variant epochs={value}: expected a positive integer')

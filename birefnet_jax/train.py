@@ -462,6 +462,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lambdas_host, lambdas_dev = None, None
   metric_sum, metric_count = None, 0
   timer_step, timer_t = start_step, time.time()
+  # Training input shapes met so far: each compiles the train step once (dynamic_size draws
+  # a new shape per batch; size_buckets bound them).
+  train_shapes = set()
+  size_buckets = config.data.get('size_buckets', None)
   last_val = None
   log_every = int(config.log_every)
   step = start_step
@@ -476,10 +480,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       local = next(train_iter)
       batch = sharding.global_batch({k: local[k] for k in batch_keys if k in local},
                                     sharding.batch_sharding(mesh))
+      shape = tuple(local['image'].shape[1:3])
+      new_shape = shape not in train_shapes
+      train_shapes.add(shape)
+      t_call = time.time()
       if step == start_step + 1:   # processes start the first step together
         sharding.compile_everywhere(train_step, state, batch, lambdas_dev)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step(state, batch, lambdas_dev)
+      if new_shape:   # the call returns once compiled (the step itself runs asynchronously)
+        log(f'step {step}: training shape {shape[0]}x{shape[1]} (HxW) compiled in '
+            f'{time.time() - t_call:.1f}s; {len(train_shapes)} compiled shape(s)'
+            + (f' of {len(size_buckets)} buckets' if size_buckets else ''))
       metric_sum = metrics if metric_sum is None else accumulate(metric_sum, metrics)
       metric_count += 1
       stop = preempted.should_stop(step)   # on every process at the same step

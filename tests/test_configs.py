@@ -54,9 +54,51 @@ def test_every_config_has_the_same_fields():
         out.add(prefix + key)
     return out
   reference = names(load('dis'))
-  for name in ('hrsod', 'cod', 'general', 'quickstart'):
+  for name in ('hrsod', 'cod', 'general', 'quickstart', 'general_2k', 'matting', 'hr', 'dynamic'):
     assert names(load(name)) == reference, name
   assert 'loss_task' not in reference and 'optim.task' not in reference
+
+
+# The official numbers of the practical-use setups (config.py, train.sh, README at 25cb930).
+@pytest.mark.parametrize('name,task,size,epochs,last,lambdas', [
+    ('general_2k', 'General-2K', (1440, 2560), 250, -20,
+     dict(bce=30.0, iou=0.5, ssim=10.0, mae=100.0)),
+    ('matting', 'Matting', (1024, 1024), 150, -10, dict(bce=30.0, iou=0.0, ssim=10.0, mae=100.0)),
+    ('hr', 'General', (2048, 2048), 200, -20, dict(bce=30.0, iou=0.5, ssim=10.0, mae=100.0)),
+    ('dynamic', 'General', (1024, 1024), 200, -20, dict(bce=30.0, iou=0.5, ssim=10.0, mae=100.0)),
+])
+def test_practical_recipes(name, task, size, epochs, last, lambdas):
+  config = load(name)
+  assert config.task == task and config.data.task == task
+  assert tuple(config.data.image_size) == size
+  assert config.epochs == epochs and config.finetune_last_epochs == last
+  assert config.model.backbone.family == 'swin' and config.model.backbone.embed_dim == 192
+  got = {k: v for k, v in train.loss_lambdas(config, 0, 10, epochs).items() if v}
+  assert got == {k: v for k, v in lambdas.items() if v}
+  assert math.isclose(train.peak_learning_rate(config, 8), 1e-5 * math.sqrt(2), rel_tol=1e-12)
+
+
+def test_general_2k_checkpoints_every_2_epochs_and_matting_validates_on_matting_sets():
+  assert load('general_2k').ckpt_every_epochs == 2             # train.sh step=2
+  assert load('matting').data.val_sets == 'TE-P3M-500-NP,TE-AM-2k'
+  assert load('general_2k').data.val_sets == 'DIS-VD,TE-P3M-500-NP'
+
+
+def test_dynamic_config_draws_the_official_range_on_buckets():
+  config = load('dynamic')
+  assert config.data.dynamic_size == ((256, 2304), (256, 2304))
+  sides = {s for bucket in config.data.size_buckets for s in bucket}
+  assert len(config.data.size_buckets) == 16 and sides == {512, 1024, 1536, 2048}
+
+
+def test_hr_matting_is_the_task_variant():
+  config = load('hr', 'task=Matting')
+  assert config.task == 'Matting' and tuple(config.data.image_size) == (2048, 2048)
+  assert config.epochs == 150 and config.finetune_last_epochs == -10
+  assert train.loss_lambdas(config, 0, 10, 150) == dict(bce=30.0, ssim=10.0, mae=100.0)
+  # A variant overrides the config file's own defaults.
+  assert tuple(load('general_2k', 'size=1024').data.image_size) == (1024, 1024)
+  assert load('general_2k', 'backbone=swin_v1_t').model.backbone.embed_dim == 96
 
 
 def test_task_is_one_field():
@@ -151,6 +193,7 @@ def test_variants(arg, backbone, embed_dim, size, epochs):
     ('size=500', 'multiples of 32'),
     ('size=big', 'expected N or WxH'),
     ('epochs=-1', 'positive integer'),
+    ('task=SOD', 'unknown task'),
     ('swin_v1_t', 'expected KEY=VALUE'),
 ])
 def test_bad_variants_are_user_errors(arg, message):

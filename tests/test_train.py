@@ -66,6 +66,10 @@ def test_quickstart_lowers_its_loss_and_writes_its_outputs(tmp_path, cache_dir):
                  '--config.eval_every=60', '--config.ckpt_every=30',
                  '--config.num_sample_images=2')
   assert 'step 60/60' in out and 'img/s' in out and 'ETA' in out
+  # One input shape: the train step compiled once, and the log says so.
+  assert re.search(r'step 1: training shape 64x64 \(HxW\) compiled in [0-9.]+s; '
+                   r'1 compiled shape\(s\)\n', out), out[:3000]
+  assert out.count('compiled shape(s)') == 1
   logs = read_jsonl(workdir, 'train')
   assert [r['step'] for r in logs] == [15, 30, 45, 60]
   for r in logs:

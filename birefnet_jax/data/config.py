@@ -21,6 +21,8 @@ OFFICIAL_SETS = {
     'COD': ('TR-COD10K+TR-CAMO', 'CHAMELEON,NC4K,TE-CAMO,TE-COD10K'),
     'HRSOD': ('TR-HRSOD+TR-UHRSD', 'DAVIS-S,TE-HRSOD,TE-UHRSD,DUT-OMRON,TE-DUTS'),
     'General': ('', 'DIS-VD,TE-P3M-500-NP'),
+    'General-2K': ('', 'DIS-VD,TE-P3M-500-NP'),
+    'Matting': ('', 'TE-P3M-500-NP,TE-AM-2k'),
 }
 
 # ImageNet statistics of torchvision's Normalize in dataset.py.
@@ -56,6 +58,14 @@ def data_config(**overrides):
       # Per-batch random size ((h_min, h_max), (w_min, w_max)), floored to multiples of 32, as
       # the official `dynamic_size` (None: fixed image_size).
       dynamic_size=None,
+      # With dynamic_size: a small set of (height, width) buckets, multiples of 32. Each batch
+      # takes one of them, drawn as the official code draws its size restricted to the buckets
+      # (data/buckets.py), so training compiles once per bucket instead of once per size
+      # (~65^2 possible sizes in the official range). None: any size of the range.
+      size_buckets=None,
+      # The official background_color_synthesis: training images get a flat background colour
+      # through their mask (data/background.py) and the augmentation is reduced to flips.
+      background_color_synthesis=False,
       augment=True,
       augmentations=OFFICIAL_AUGMENTATIONS,  # add 'crop' for the official (disabled) crop
       # Bad files (unreadable image, mask missing, mask size != image size): 'error' stops with
@@ -86,7 +96,7 @@ def data_config(**overrides):
     if key not in cfg:
       raise KeyError(f'data_config has no field {key!r}; fields: {sorted(cfg.keys())}')
     # ConfigDict refuses None -> tuple and the reverse; replace such fields whole.
-    if key == 'dynamic_size' or cfg[key] is None or value is None:
+    if key in ('dynamic_size', 'size_buckets') or cfg[key] is None or value is None:
       with cfg.ignore_type():
         cfg[key] = value
     else:

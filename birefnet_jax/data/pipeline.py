@@ -3,6 +3,7 @@
 Training (per process):
   MapDataset.range(N).seed(seed).shuffle().repeat(None)
     .map(LoadExample)        decode + resize to image_size with cv2 INTER_LINEAR (official order)
+    [.random_map(SynthesizeBackground)]   background_color_synthesis: a flat background colour
     .random_map(Augment)     official flip / rotate / enhance / pepper with grain's rng
     [process_index::process_count]   this process's share of the global stream
     .map(ToModelInputs)      ImageNet normalization, mask to [0, 1]
@@ -14,7 +15,11 @@ orbax's grain.checkpoint.CheckpointSave / CheckpointRestore) resumes exactly.
 
 With dynamic_size the examples keep their original size through augmentation and each batch is
 resized to one random size (multiples of 32) with Pillow's antialiased bilinear, as the official
-custom_collate_fn does with torchvision Resize.
+custom_collate_fn does with torchvision Resize. With data.size_buckets the size is one of the
+buckets, drawn as the official code draws a size restricted to them (data/buckets.py).
+
+With background_color_synthesis the augmentation is reduced to flips, as the official config
+(``preproc_methods[:1]``): only 'flip', if data.augmentations has it, is applied.
 """
 
 import zlib
@@ -24,6 +29,8 @@ import numpy as np
 from absl import logging
 
 from birefnet_jax.data import augment as augment_lib
+from birefnet_jax.data import background
+from birefnet_jax.data import buckets as buckets_lib
 from birefnet_jax.data import decode
 from birefnet_jax.data import sources
 from birefnet_jax.data.synthetic import SyntheticDataset
@@ -130,6 +137,23 @@ class Augment(grain.transforms.RandomMap):
     return dict(example, image=image, mask=mask)
 
 
+class SynthesizeBackground(grain.transforms.RandomMap):
+  """The official background-colour synthesis (data/background.py) on a uint8 example."""
+
+  def random_map(self, example, rng):
+    return dict(example, image=background.synthesize_background(example['image'],
+                                                                example['mask'], rng))
+
+
+def training_augmentations(cfg):
+  """The augmentation methods training applies: data.augmentations, reduced to flips when
+  background_color_synthesis is on (official ``preproc_methods[:4 if not bcs else 1]``)."""
+  methods = tuple(cfg.augmentations)
+  if cfg.get('background_color_synthesis', False):
+    methods = tuple(m for m in methods if m == 'flip')
+  return methods
+
+
 class ToModelInputs(grain.transforms.Map):
   """uint8 example -> float32 normalized image (h,w,3), float32 mask (h,w,1) in [0, 1]."""
 
@@ -142,11 +166,18 @@ class ToModelInputs(grain.transforms.Map):
 class DynamicSizeBatch(grain.transforms.RandomMap):
   """A list of examples -> one batch resized to a random size (official dynamic_size)."""
 
-  def __init__(self, dynamic_size):
+  def __init__(self, dynamic_size, size_buckets=None):
     self.dynamic_size = tuple(tuple(r) for r in dynamic_size)
+    self.buckets = None
+    if size_buckets is not None:
+      self.buckets = buckets_lib.check_buckets(size_buckets, self.dynamic_size)
+      self.probabilities = buckets_lib.bucket_probabilities(self.buckets, self.dynamic_size)
 
   def random_map(self, examples, rng):
-    size = augment_lib.random_dynamic_size(self.dynamic_size, rng)
+    if self.buckets is None:
+      size = augment_lib.random_dynamic_size(self.dynamic_size, rng)
+    else:
+      size = buckets_lib.random_bucket(self.buckets, self.probabilities, rng)
     images, masks = [], []
     for ex in examples:
       image, mask = augment_lib.resize_pil_bilinear(ex['image'], ex['mask'], size)
@@ -184,6 +215,9 @@ def train_dataset(cfg, *, local_batch_size, seed, process_index=0, process_count
   """The training MapDataset of one process (infinite, batched), before prefetching."""
   if cfg.dynamic_size is None:
     _check_image_size(cfg.image_size)
+  size_buckets = cfg.get('size_buckets', None)
+  if size_buckets is not None:   # checked before any data is read
+    buckets_lib.check_buckets(size_buckets, cfg.dynamic_size)
   source = train_source(cfg)
   per_process = len(source) // process_count
   if per_process < local_batch_size:
@@ -192,8 +226,10 @@ def train_dataset(cfg, *, local_batch_size, seed, process_index=0, process_count
   load_size = None if cfg.dynamic_size is not None else tuple(cfg.image_size)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map(LoadExample(source, load_size, cfg.on_bad_file, cfg.mask_size_mismatch))
+  if cfg.get('background_color_synthesis', False):
+    ds = ds.random_map(SynthesizeBackground())
   if cfg.augment:
-    ds = ds.random_map(Augment(cfg.augmentations, load_size))
+    ds = ds.random_map(Augment(training_augmentations(cfg), load_size))
   # Shard after the random map (the maps are lazy: a process only loads its own examples), so an
   # example's augmentation draws follow its index in the global stream: the same global batches
   # whatever the number of processes, and no two processes repeat each other's draws.
@@ -202,7 +238,7 @@ def train_dataset(cfg, *, local_batch_size, seed, process_index=0, process_count
     ds = ds.map(ToModelInputs()).batch(local_batch_size, drop_remainder=True)
   else:
     ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=list)
-    ds = ds.random_map(DynamicSizeBatch(cfg.dynamic_size))
+    ds = ds.random_map(DynamicSizeBatch(cfg.dynamic_size, size_buckets))
   return ds
 
 
