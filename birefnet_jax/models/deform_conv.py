@@ -21,7 +21,7 @@ gradient ``samples^T @ g`` and the sample gradient ``g @ kernel^T`` as matmuls; 
 gradients from the four corner values dotted with the sample gradient over channels (a (positions,
 taps, 4) array); dx by one scatter-add of the four corners' shares into a (B, H+2, W+2, C)
 buffer, cropped. Positions are processed in tiles by a scan when the sample buffer would exceed
-``max_sample_bytes`` (default 4 MiB on CPU, where small tiles stay in cache, 1 GiB elsewhere).
+``max_sample_bytes`` (default 4 MiB on CPU, where small tiles stay in cache, 256 MiB elsewhere).
 
 Dtypes: coordinates, bilinear weights, the blend and every accumulation run in at least float32
 (float64 under x64), as torchvision's autocast does. With float32/float64 ``x`` the samples and
@@ -47,9 +47,11 @@ import jax.numpy as jnp
 # The fast path's bound on its (positions x taps x C) sample buffer, beyond which it tiles the
 # positions with a scan. On CPU small tiles stay in cache (measured: 4 MiB tiles ran the 7x7
 # forward+backward at 64² ~1.5x faster than one 200 MB tile); on an accelerator a tile should be
-# large, each scan step being sequential.
+# large, each scan step being sequential, but the backward holds up to ~10x the float32 sample
+# buffer (the four corners, the sample gradient, the four corners' dx shares): 256 MiB keeps a
+# tile's backward within a few GiB, and a tile of the 7x7 branch (C = 64) still has ~20k positions.
 DEFAULT_MAX_SAMPLE_BYTES = {'cpu': 4 << 20}
-DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR = 1 << 30
+DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR = 256 << 20
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -143,7 +145,7 @@ def modulated_deform_conv2d(x, offset, mask, kernel, *, padding, stride=1, dilat
     precision: passed to the matmuls (``jax.lax.Precision``); None uses the default.
     max_sample_bytes: the most bytes the (positions x taps x C) sample buffer may take in the
       compute dtype; more positions than that are processed in tiles by a scan. None: 4 MiB on
-      CPU, 1 GiB elsewhere (``DEFAULT_MAX_SAMPLE_BYTES``).
+      CPU, 256 MiB elsewhere (``DEFAULT_MAX_SAMPLE_BYTES``).
   Returns:
     (B, Ho, Wo, O) in ``x.dtype``.
   """
