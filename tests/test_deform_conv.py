@@ -1,12 +1,15 @@
 """modulated_deform_conv2d against an independent numpy DCNv2 reference (torchvision semantics),
-plain convolution, and finite differences; DeformableConv2d's parameters and initial behaviour."""
+plain convolution, and finite differences; the fast path (hand-written backward, tiles, bf16)
+against the previous JAX-differentiated implementation; DeformableConv2d's parameters and initial
+behaviour."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from birefnet_jax.models.deform_conv import DeformableConv2d, modulated_deform_conv2d
+from birefnet_jax.models.deform_conv import (DeformableConv2d, modulated_deform_conv2d,
+                                             modulated_deform_conv2d_autodiff)
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -167,18 +170,22 @@ def test_zero_offsets_unit_mask_is_a_plain_conv(x64, k, padding, stride, dilatio
 
 
 def test_bfloat16_inputs(x64):
-  """bf16 in, bf16 out, sampling in float32: equal to the float64 op on the same bf16 values up
-  to bf16 rounding of the result."""
+  """bf16 in, bf16 out: samples blended in float32 and rounded to bf16 for the bf16 matmul (float32
+  accumulation), so the result is the float64 op on the same bf16 values up to one bf16 rounding
+  (unit roundoff 2^-8) of every sample and one of the result."""
   args = random_case(11, 1, 6, 6, 4, 8, 3, (1, 1), (1, 1), (1, 1), 1.5)
   bf16_args = [jnp.asarray(a, jnp.bfloat16) for a in args]
   got = run(*bf16_args, (1, 1), (1, 1), (1, 1), dtype=jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
-  want = deform_conv_reference(*(np.asarray(a, np.float64) for a in bf16_args),
-                               (1, 1), (1, 1), (1, 1))
+  exact = [np.asarray(a, np.float64) for a in bf16_args]
+  want = deform_conv_reference(*exact, (1, 1), (1, 1), (1, 1))
+  # sum over taps and channels of |kernel * mask * sample|: bounds the sample roundings' effect
+  magnitude = deform_conv_reference(np.abs(exact[0]), exact[1], exact[2], np.abs(exact[3]),
+                                    (1, 1), (1, 1), (1, 1))
   got = np.asarray(got, np.float64)
-  np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
-  # Computed in float32, so almost every output is within one bf16 rounding of the exact value.
-  assert np.mean(np.abs(got - want) <= 2 ** -7 * np.abs(want) + 1e-6) > 0.9
+  bound = 2 ** -8 * (magnitude + np.abs(got)) * 1.01 + 1e-6
+  assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+  assert np.abs(got - want).max() > 0   # it did round: a bf16 path, not float32 in disguise
 
 
 def test_float32_default_dtype_close_to_reference():
@@ -297,3 +304,136 @@ def test_bad_shapes_are_reported():
   with pytest.raises(ValueError, match='kernel must be'):
     modulated_deform_conv2d(x, jnp.zeros((1, 4, 4, 18)), jnp.zeros((1, 4, 4, 9)),
                             jnp.zeros((3, 3, 3, 1)), padding=1)
+
+
+# ---------------------------------------------------------------- the fast path vs the previous one
+
+FAST_CASES = [
+    # b, h, w, c, o, k, padding, stride, dilation, offset scale, max_sample_bytes
+    (2, 6, 5, 3, 4, 3, (1, 1), (1, 1), (1, 1), 2.0, None),   # decoder 3x3 branch, one tile
+    (1, 7, 6, 2, 3, 7, (3, 3), (1, 1), (1, 1), 3.0, 1),      # 7x7, many samples out; 1 row a tile
+    (2, 5, 6, 3, 2, 1, (0, 0), (1, 1), (1, 1), 2.0, None),   # the 1x1 branches
+    (1, 7, 6, 2, 3, 3, (2, 1), (2, 1), (2, 1), 1.0, None),   # asymmetric padding/stride/dilation
+    (1, 8, 7, 2, 3, 3, (1, 1), (2, 2), (1, 1), 2.0, 432),    # stride 2; 3 tiles of 6 rows, 2 pad
+]
+
+
+def fast_and_previous(case, dtype, seed):
+  """Inputs of ``case`` in ``dtype`` and (fn(op) -> (y, grads)) for the loss sum(y * probe)."""
+  b, h, w, c, o, k, padding, stride, dilation, scale, max_bytes = case
+  x, offset, mask, kernel = random_case(seed, b, h, w, c, o, k, padding, stride, dilation, scale)
+  ho, wo = output_size(h, w, k, padding, stride, dilation)
+  probe = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(b, ho, wo, o)), jnp.float32)
+  args = [jnp.asarray(a, dtype) for a in (x, offset, mask, kernel)]
+
+  def value_and_grads(op, **extra):
+    def both(*a):
+      y, vjp = jax.vjp(lambda *v: op(*v, padding=padding, stride=stride, dilation=dilation,
+                                     **extra), *a)
+      return y, vjp(probe.astype(y.dtype))
+    return jax.jit(both)(*args)
+
+  extra = {} if max_bytes is None else dict(max_sample_bytes=max_bytes)
+  return (value_and_grads(modulated_deform_conv2d, **extra),
+          value_and_grads(modulated_deform_conv2d_autodiff))
+
+
+@pytest.mark.parametrize('case', FAST_CASES)
+def test_fast_path_matches_previous_implementation_float32(case):
+  """Forward and the four gradients (x, offset, mask, kernel) of the fast path against the
+  JAX-differentiated previous implementation, float32, to float32 summation-order error."""
+  (y, grads), (y_ref, grads_ref) = fast_and_previous(case, jnp.float32, sum(case[:6]))
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0,
+                             atol=2e-5 * np.abs(np.asarray(y_ref)).max())
+  for name, got, want in zip(['x', 'offset', 'mask', 'kernel'], grads, grads_ref):
+    want = np.asarray(want)
+    assert np.abs(want).max() > 0.1, name
+    assert got.dtype == jnp.float32, name
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * np.abs(want).max(),
+                               err_msg=name)
+
+
+def test_fast_path_gradients_exact_on_the_border(x64):
+  """Sample points exactly on -1, 0, H-1, H (and W) and beyond, float64: every gradient equals the
+  previous implementation's (torchvision's rule: a point on -1 or H is outside, its offset and
+  mask gradients are 0; a point on H-1 is inside)."""
+  rng = np.random.default_rng(4)
+  b, h, w, c, o, k = 1, 4, 5, 2, 3, 3
+  x = jnp.asarray(rng.normal(size=(b, h, w, c)) + 2)
+  kernel = jnp.asarray(rng.normal(size=(k, k, c, o)))
+  oy, ox = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  targets_y = np.array([-1.0, -0.5, 0.0, h - 1.0, h - 0.5, h, -1.25, h + 0.25, 1.5])
+  targets_x = np.array([-1.0, -0.5, 0.0, w - 1.0, w - 0.5, w, 2.0, -0.75, w - 0.25])
+  offset = np.zeros((b, h, w, 2 * k * k))
+  for t in range(k * k):
+    i, j = divmod(t, k)
+    offset[0, :, :, 2 * t] = targets_y[(t + oy + 2 * ox) % 9] - (oy - 1 + i)
+    offset[0, :, :, 2 * t + 1] = targets_x[(2 * t + ox + oy) % 9] - (ox - 1 + j)
+  offset = jnp.asarray(offset)
+  mask = jnp.asarray(rng.uniform(0.5, 1.5, size=(b, h, w, k * k)))
+  probe = jnp.asarray(rng.normal(size=(b, h, w, o)))
+
+  def grads(op):
+    loss = lambda *a: jnp.sum(op(*a, padding=1) * probe)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, offset, mask, kernel)
+
+  fast, previous = grads(modulated_deform_conv2d), grads(modulated_deform_conv2d_autodiff)
+  for name, got, want in zip(['x', 'offset', 'mask', 'kernel'], fast, previous):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-12,
+                               err_msg=name)
+  # A tap whose point lies on y = -1 or y = H (outside): zero offset and mask gradient.
+  d_offset = np.asarray(fast[1]).reshape(b, h, w, k * k, 2)
+  d_mask = np.asarray(fast[2])
+  on_border = np.zeros((h, w, k * k), bool)
+  for t in range(k * k):
+    ty = targets_y[(t + oy + 2 * ox) % 9]
+    on_border[..., t] = (ty == -1.0) | (ty == h)
+  assert on_border.any()
+  assert not d_offset[0][on_border].any() and not d_mask[0][on_border].any()
+  assert np.abs(d_mask).max() > 0
+
+
+@pytest.mark.parametrize('case', [FAST_CASES[0], FAST_CASES[1]])
+def test_bfloat16_path_against_float32(case):
+  """bf16 inputs (the model's bf16 mode) against the float32 op on the same bf16-rounded values:
+  forward and gradients within 2 % of the largest magnitude (bf16 samples and operands, float32
+  accumulation; the offset gradient sums products of differences of bf16 pixels)."""
+  seed = sum(case[:6])
+  b, h, w, c, o, k, padding, stride, dilation, scale, max_bytes = case
+  extra = {} if max_bytes is None else dict(max_sample_bytes=max_bytes)
+  x, offset, mask, kernel = random_case(seed, b, h, w, c, o, k, padding, stride, dilation, scale)
+  ho, wo = output_size(h, w, k, padding, stride, dilation)
+  probe = jnp.asarray(np.random.default_rng(seed).normal(size=(b, ho, wo, o)), jnp.bfloat16)
+  bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, offset, mask, kernel)]
+
+  def value_and_grads(args, g):
+    op = lambda *a: modulated_deform_conv2d(*a, padding=padding, stride=stride,
+                                            dilation=dilation, **extra)
+    y, vjp = jax.vjp(op, *args)
+    return y, vjp(g.astype(y.dtype))
+
+  y, grads = jax.jit(value_and_grads)(bf16, probe)
+  y32, grads32 = jax.jit(value_and_grads)([a.astype(jnp.float32) for a in bf16], probe)
+  assert y.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  for name, got, want in zip(['y', 'x', 'offset', 'mask', 'kernel'], (y,) + tuple(grads),
+                             (y32,) + tuple(grads32)):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max(), err_msg=name)
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999, name
+
+
+def test_module_runs_the_fast_path_in_bfloat16():
+  """DeformableConv2d(dtype=bfloat16) on float32 input: close to the float32 module (2 %)."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(1, 6, 5, 4)), jnp.float32)
+  module32 = DeformableConv2d(out_channels=6, kernel_size=3)
+  params = module32.init(jax.random.key(0), x)['params']
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(scale=0.3, size=p.shape), jnp.float32),
+                        params)
+  y32 = module32.apply({'params': params}, x)
+  y16 = DeformableConv2d(out_channels=6, kernel_size=3, dtype=jnp.bfloat16).apply(
+      {'params': params}, x)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0,
+                             atol=0.02 * np.abs(np.asarray(y32)).max())

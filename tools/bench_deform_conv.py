@@ -1,6 +1,8 @@
-"""Times modulated_deform_conv2d (forward, forward+backward) against a plain conv of the same shape.
+"""Times modulated_deform_conv2d (forward, forward+backward) against a plain conv of the same shape,
+and against the previous implementation (``--before``).
 
   python tools/bench_deform_conv.py                    # 1x256x256x64 -> 256, k = 1, 3, 7, float32
+  python tools/bench_deform_conv.py --size 64 --dtype float32 bfloat16 --before   # CPU, README
   python tools/bench_deform_conv.py --size 128 256 --dtype float32 bfloat16 --torch
   python tools/bench_deform_conv.py --size 64 --kernels 3 --torch --jsonl rows.jsonl
 
@@ -9,7 +11,12 @@
 
 Forward+backward is the gradient of sum(y * probe) w.r.t. every input (x, offset, mask, kernel
 for the deformable conv; x, kernel for the plain conv). Times are medians over --repeats runs of
-the jitted function after one warm-up (compilation) call. ``--dtype bfloat16`` feeds bfloat16
+the jitted function after one warm-up (compilation) call; the functions of one (size, kernel,
+dtype) are timed round-robin (one call of each per round), so load from other processes falls on
+all of them alike, and each row carries its ratio to the plain conv of the same mode
+(``vs_conv``). ``--before`` adds ``jax-deform-before`` rows: the previous implementation
+(``modulated_deform_conv2d_autodiff``: a scan over kernel rows, differentiated by JAX, float32
+throughout). ``--dtype bfloat16`` feeds bfloat16
 inputs (the model's bf16 path: sampling coordinates and accumulation stay float32, the result is
 bf16). With --torch, also times torchvision.ops.deform_conv2d on CUDA when a GPU is there (the
 tensors are moved to the GPU and every timed call ends with torch.cuda.synchronize), float32 (its
@@ -33,26 +40,40 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 # pylint: disable=wrong-import-position
-from birefnet_jax.models.deform_conv import modulated_deform_conv2d
+from birefnet_jax.models.deform_conv import (modulated_deform_conv2d,
+                                             modulated_deform_conv2d_autodiff)
 
 DEFAULT_SIZES = (256,)
 
 
 def median_ms(fn, repeats):
-  jax.block_until_ready(fn())  # warm-up: compilation
-  times = []
+  return round_robin_median_ms({'fn': fn}, repeats)['fn']
+
+
+def round_robin_median_ms(fns, repeats):
+  """{name: median ms} of the thunks in ``fns``, each warmed up (compiled) once, then called once
+  per round for ``repeats`` rounds; an exception in a thunk becomes its value."""
+  live, times, results = {}, {}, {}
+  for name, fn in fns.items():
+    try:
+      jax.block_until_ready(fn())  # warm-up: compilation
+      live[name], times[name] = fn, []
+    except Exception as e:  # pylint: disable=broad-except
+      results[name] = e
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+    for name, fn in live.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  results.update({name: 1e3 * statistics.median(t) for name, t in times.items()})
+  return results
 
 
-def jax_functions(pad, probe):
+def jax_functions(pad, probe, deform_conv=modulated_deform_conv2d):
   """The four jitted functions: deform forward / gradient, plain conv forward / gradient."""
 
   def deform(x, offset, mask, kernel):
-    return modulated_deform_conv2d(x, offset, mask, kernel, padding=pad)
+    return deform_conv(x, offset, mask, kernel, padding=pad)
 
   def plain(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
@@ -149,10 +170,11 @@ def deform_gflops(size, channels, out, k, batch=1):
 
 def benchmark_rows(sizes=DEFAULT_SIZES, channels=64, out=256, kernels=(1, 3, 7),
                    dtypes=('float32',), repeats=5, torch=False, batch=1, offset_scale=2.0,
-                   on_row=None, seed=0):
+                   on_row=None, seed=0, before=False):
   """One row per (size, kernel, implementation, mode): ours per dtype, the plain conv per dtype,
-  and (``torch``) the torch deformable conv in float32. ``on_row(row)`` sees each row as soon as
-  it is measured; errors become the row's status."""
+  (``before``) the previous implementation per dtype, and (``torch``) the torch deformable conv in
+  float32. ``on_row(row)`` sees each row as soon as it is measured; errors become the row's
+  status."""
   rows = []
   on_row = on_row or (lambda row: None)
   rng = np.random.default_rng(seed)
@@ -178,18 +200,30 @@ def benchmark_rows(sizes=DEFAULT_SIZES, channels=64, out=256, kernels=(1, 3, 7),
       for dtype in dtypes:
         inputs = [jnp.asarray(arrays[n], jnp.dtype(dtype))
                   for n in ('x', 'offset', 'mask', 'kernel')]
-        fns = jax_functions(pad, probe)
-        for name, impl, mode, call, g in (
-            ('deform_fwd', 'jax-deform', 'fwd', lambda f: f(*inputs), deform_g),
-            ('deform_fwd_bwd', 'jax-deform', 'fwd+bwd', lambda f: f(*inputs), 3 * deform_g),
-            ('conv_fwd', 'jax-conv', 'fwd', lambda f: f(inputs[0], inputs[3]), plain_g),
-            ('conv_fwd_bwd', 'jax-conv', 'fwd+bwd', lambda f: f(inputs[0], inputs[3]),
-             3 * plain_g)):
-          row = dict(impl=impl, mode=mode, dtype=dtype, gflops=g, **base)
-          try:
-            row['median_ms'] = median_ms(lambda f=fns[name], c=call: c(f), repeats)
-          except Exception as e:  # pylint: disable=broad-except
-            row['status'] = f'error: {type(e).__name__}: {str(e)[:200]}'
+        implementations = [('jax-deform', jax_functions(pad, probe))]
+        if before:
+          implementations.append(('jax-deform-before', jax_functions(
+              pad, probe, modulated_deform_conv2d_autodiff)))
+        thunks, specs = {}, {}
+        for impl, fns in implementations:
+          for mode, name, g in (('fwd', 'deform_fwd', deform_g),
+                                ('fwd+bwd', 'deform_fwd_bwd', 3 * deform_g)):
+            thunks[impl, mode] = lambda f=fns[name]: f(*inputs)
+            specs[impl, mode] = g
+        fns = implementations[0][1]
+        thunks['jax-conv', 'fwd'] = lambda: fns['conv_fwd'](inputs[0], inputs[3])
+        thunks['jax-conv', 'fwd+bwd'] = lambda: fns['conv_fwd_bwd'](inputs[0], inputs[3])
+        specs['jax-conv', 'fwd'], specs['jax-conv', 'fwd+bwd'] = plain_g, 3 * plain_g
+        times = round_robin_median_ms(thunks, repeats)
+        for (impl, mode), value in times.items():
+          row = dict(impl=impl, mode=mode, dtype=dtype, gflops=specs[impl, mode], **base)
+          if isinstance(value, Exception):
+            row['status'] = f'error: {type(value).__name__}: {str(value)[:200]}'
+          else:
+            row['median_ms'] = value
+            conv = times.get(('jax-conv', mode))
+            if not isinstance(conv, Exception) and conv:
+              row['vs_conv'] = value / conv
           add(row)
       if torch:
         row_f = dict(impl='torch-deform', mode='fwd', dtype='float32', gflops=deform_g, **base)
@@ -207,6 +241,33 @@ def benchmark_rows(sizes=DEFAULT_SIZES, channels=64, out=256, kernels=(1, 3, 7),
   return rows
 
 
+def summary_table(rows):
+  """Markdown table: per (size, kernel, dtype), forward and forward+backward ms of each
+  implementation and its ratio to the plain conv."""
+  impls = [i for i in ('jax-deform-before', 'jax-deform', 'jax-conv')
+           if any(r['impl'] == i for r in rows)]
+  lines = ['| size, k, dtype | ' + ' | '.join(
+      f'{i} {m}' for m in ('fwd', 'fwd+bwd') for i in impls) + ' |',
+           '|---|' + '---|' * (2 * len(impls))]
+  groups = {}
+  for r in rows:
+    if r['impl'] in impls:
+      groups.setdefault((r['size'], r['kernel'], r['dtype']), {})[r['impl'], r['mode']] = r
+  for (size, k, dtype), cells in groups.items():
+    text = []
+    for mode in ('fwd', 'fwd+bwd'):
+      for impl in impls:
+        r = cells.get((impl, mode), {})
+        if not r.get('median_ms'):
+          text.append('-')
+        elif impl == 'jax-conv':
+          text.append(f"{r['median_ms']:.1f}")
+        else:
+          text.append(f"{r['median_ms']:.1f} ({r.get('vs_conv', float('nan')):.2f}x)")
+    lines.append(f'| {size} k={k} {dtype} | ' + ' | '.join(text) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch', type=int, default=1)
@@ -221,6 +282,9 @@ def main(argv=None):
                       choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--torch', action='store_true', help='also time a torch implementation')
+  parser.add_argument('--before', action='store_true',
+                      help='also time the previous implementation (modulated_deform_conv2d_'
+                      'autodiff), round-robin with the others')
   parser.add_argument('--jsonl', default='', help='append each row as a JSON line to this file')
   args = parser.parse_args(argv)
 
@@ -233,13 +297,17 @@ def main(argv=None):
           f"{row['dtype']:<8} " + (f"{row['median_ms']:9.2f} ms" if row.get('median_ms')
                                    else '        -   ')
           + (f"  {row['tflops_per_s']:.3g} TFLOP/s" if row.get('tflops_per_s') else '')
+          + (f"  {row['vs_conv']:.2f}x conv" if row.get('vs_conv') else '')
           + ('' if row['status'] == 'ok' else f"  ({row['status']})"), flush=True)
     if args.jsonl:
       with open(args.jsonl, 'a') as f:
         f.write(json.dumps(dict(row, step='deform_conv')) + '\n')
 
-  return benchmark_rows(args.size, args.channels, args.out, args.kernels, args.dtype,
-                        args.repeats, args.torch, args.batch, args.offset_scale, on_row)
+  rows = benchmark_rows(args.size, args.channels, args.out, args.kernels, args.dtype,
+                        args.repeats, args.torch, args.batch, args.offset_scale, on_row,
+                        before=args.before)
+  print('\nms, median (ratio to the plain conv of the same mode):\n' + summary_table(rows))
+  return rows
 
 
 if __name__ == '__main__':
