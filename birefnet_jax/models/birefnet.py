@@ -22,9 +22,11 @@ import ml_collections
 
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
+from birefnet_jax.models.dino_v3 import DinoV3
 from birefnet_jax.models.gdt import laplacian_gdt_gt
 from birefnet_jax.models.layers import BatchNorm, conv, remat_if
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
+from birefnet_jax.models.pyramid_neck import neck_channels, pyramid_neck
 from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
 from birefnet_jax.models.swin import SwinTransformer
 
@@ -81,7 +83,15 @@ def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb', remat: bool 
                                         drop_path_rate=bb.drop_path_rate, dtype=dtype,
                                         remat=remat, remat_policy=remat_policy,
                                         name=name)
-  raise ValueError(f'unknown backbone family {bb.family!r} (expected swin or pvt_v2)')
+  if bb.family == 'dino_v3':
+    if attention != 'einsum':
+      raise ValueError(f"model.attention={attention!r} applies to Swin's window attention only; "
+                       "DINOv3 backbones take 'einsum'")
+    return DinoV3(embed_dim=bb.embed_dim, num_heads=bb.num_heads, mlp_hidden=bb.mlp_hidden,
+                  out_indices=tuple(bb.out_indices), swiglu=bb.swiglu,
+                  num_reg_tokens=bb.num_reg_tokens, rope_temperature=bb.rope_temperature,
+                  dtype=dtype, remat=remat, remat_policy=remat_policy, name=name)
+  raise ValueError(f'unknown backbone family {bb.family!r} (expected swin, pvt_v2 or dino_v3)')
 
 
 def decoder_block_class(cfg):
