@@ -1,6 +1,6 @@
 """DINOv3 backbone against timm's official model (fixtures in tests/data, see tests/data/README.md).
 
-The fixtures are timm 1.0.31's ``vit_small[_plus]_patch16_dinov3`` built as the official
+The fixture is timm 1.0.31's ``vit_small_plus_patch16_dinov3`` (SwiGLU) built as the official
 ``models/backbones/dino_v3.py`` builds them (features_only, dynamic_img_size, out_indices), at
 tiny widths with random weights; their state dicts go through the converter.
 """
@@ -22,7 +22,7 @@ from birefnet_jax.models.dino_v3 import DinoV3, rope_tables
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 DATA = Path(__file__).parent / 'data'
-VARIANTS = ('dinov3_tiny', 'dinov3_tiny_swiglu')
+VARIANTS = ('dinov3_tiny_swiglu',)   # the GELU variant: tests/test_dino_v3_birefnet.py
 
 
 def manifest(variant):
@@ -61,7 +61,8 @@ def test_converter_maps_every_tensor(variant_and_model):
   assert bb_cfg.family == 'dino_v3'
   assert bb_cfg.embed_dim == kwargs['embed_dim']
   assert bb_cfg.depth == spec['blocks_kept']
-  assert bb_cfg.swiglu == (variant == 'dinov3_tiny_swiglu')
+  assert bb_cfg.swiglu
+  assert bb_cfg.mlp_hidden == 88   # int(32 * 2.6) = 83, aligned to 8
   assert report == {'ignored': [], 'missing': []}
   n_params = len(jax.tree.leaves(variables))
   assert n_params == len(spec['state_dict'])
@@ -95,7 +96,7 @@ def test_features_match_timm_float64(variant_and_model):
 
 
 def test_rope_tables_distinguish_rows_from_columns():
-  """The fixture inputs are not square (4 x 6 and 6 x 4 patches), so the parity tests check the
+  """The fixture inputs are not square (6 x 4 and 4 x 6 patches), so the parity tests check the
   row/column order of the RoPE angles; here: the tables of a grid and of its transpose differ."""
   sin, cos = rope_tables(4, 6, 16, 100.0, jnp.float32)
   sin_t, cos_t = rope_tables(6, 4, 16, 100.0, jnp.float32)

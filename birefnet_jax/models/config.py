@@ -62,6 +62,11 @@ def pvt_config(embed_dims, num_heads, mlp_ratios, depths, sr_ratios, drop_path_r
 def dino_v3_config(embed_dim, depth, num_heads, mlp_hidden, swiglu, out_indices,
                    timm_name=''):
   """A DINOv3 ViT (timm Eva): features of blocks ``out_indices``, all at stride 16."""
+  out_indices = tuple(int(i) for i in out_indices)
+  if len(out_indices) != 4 or list(out_indices) != sorted(set(out_indices)) or (
+      out_indices[0] < 0 or out_indices[-1] >= depth):
+    raise ValueError(f'DINOv3 out_indices must be 4 increasing block indices below the depth '
+                     f'{depth}, got {out_indices}')
   return ml_collections.ConfigDict(dict(
       family='dino_v3', timm_name=timm_name, embed_dim=embed_dim, depth=depth,
       num_heads=num_heads, mlp_hidden=mlp_hidden, swiglu=swiglu, out_indices=tuple(out_indices),
