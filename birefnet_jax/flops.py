@@ -33,6 +33,7 @@ import collections
 import dataclasses
 
 from birefnet_jax.models import config as config_lib
+from birefnet_jax.models import pyramid_neck
 
 KINDS = ('conv', 'dense', 'attention', 'deform_sampling', 'deform_matmul')
 ASPP_KERNEL_SIZES = (1, 1, 3, 7)  # aspp1 and aspp_deforms_{0,1,2} (models/aspp.py)
@@ -177,11 +178,32 @@ def pvt_v2(fc, part, bb, hw):
   return sizes
 
 
+def dino_v3(fc, part, bb, hw):
+  """models/dino_v3.DinoV3 on an (H, W) image; returns the 4 feature sizes (all stride 16)."""
+  p = 16
+  h, w = hw[0] // p, hw[1] // p
+  conv(fc, part, (h * p, w * p), 3, bb.embed_dim, p, stride=p)
+  c = bb.embed_dim
+  tokens = h * w + 1 + bb.num_reg_tokens                    # patches, cls and registers
+  for _ in range(bb.depth):
+    dense(fc, part, tokens, c, 3 * c)                       # qkv
+    fc.add(part, 'attention', 4 * tokens * tokens * c)
+    dense(fc, part, tokens, c, c)                           # proj
+    if bb.swiglu:
+      dense(fc, part, tokens, c, 2 * bb.mlp_hidden)         # fc1_g, fc1_x
+    else:
+      dense(fc, part, tokens, c, bb.mlp_hidden)             # fc1
+    dense(fc, part, tokens, bb.mlp_hidden, c)               # fc2
+  return [(h, w)] * 4
+
+
 def backbone(fc, part, bb, hw):
   if bb.family == 'swin':
     return swin(fc, part, bb, hw)
   if bb.family == 'pvt_v2':
     return pvt_v2(fc, part, bb, hw)
+  if bb.family == 'dino_v3':
+    return dino_v3(fc, part, bb, hw)
   raise ValueError(f'flops: unknown backbone family {bb.family!r}')
 
 
@@ -193,6 +215,7 @@ def count(cfg, size, train: bool = False) -> FlopCount:
   """FLOPs of one image's forward pass of the BiRefNet ``cfg`` at ``size`` = (H, W).
 
   Parts: 'backbone' (full resolution), 'backbone_half' (the 'cat'/'add' pyramid pass), 'squeeze',
+  'neck' (DINOv3's pyramid neck),
   'decoder_block4'..'decoder_block1' (each with its ASPPDeformable), 'inref' (ipt_blk5..1),
   'lateral', 'outref' (gradient attention, multi-stage heads and the output conv).
   """
@@ -215,6 +238,13 @@ def count(cfg, size, train: bool = False) -> FlopCount:
 
   ch = enc[::-1]                                              # (C4, C3, C2, C1)
   ipt_out = [c // 8 for c in ch]
+  if config_lib.uses_pyramid_neck(bb):                        # 1x1 convs at strides 4..32
+    neck = pyramid_neck.neck_channels(cfg)
+    sizes = [(height // s, width // s) for s in pyramid_neck.STRIDES]
+    for hw, c, n in zip(sizes, enc, neck):
+      conv(fc, 'neck', hw, c, n, 1)
+    ch = neck[::-1]
+    c4 = neck[3]
   dec_out = [ch[1], ch[2], ch[3], ch[3] // 2]
   heads = cfg.ms_supervision and train
   out_ref = cfg.ms_supervision and cfg.out_ref
@@ -263,8 +293,9 @@ def train_step_flops(cfg, size, batch: int = 1) -> int:
 
 
 def main():
-  presets = list(config_lib.SWIN_PRESETS) + list(config_lib.PVT_PRESETS)
-  print(f'{"preset":<10} {"size":>5} {"forward GFLOP":>14} {"backbone":>9} {"half":>8} '
+  presets = (list(config_lib.SWIN_PRESETS) + list(config_lib.PVT_PRESETS)
+             + list(config_lib.DINO_V3_PRESETS))
+  print(f'{"preset":<14} {"size":>5} {"forward GFLOP":>14} {"backbone":>9} {"half":>8} '
         f'{"decoder":>8} {"deform":>8} {"attention":>9}')
   for preset in presets:
     cfg = config_lib.model_config(preset)
@@ -272,7 +303,7 @@ def main():
       fc = count(cfg, size)
       parts, kinds = fc.by_part(), fc.by_kind()
       dec = fc.total - parts.get('backbone', 0) - parts.get('backbone_half', 0)
-      print(f'{preset:<10} {size:>5} {fc.total / 1e9:>14.1f} {parts["backbone"] / 1e9:>9.1f} '
+      print(f'{preset:<14} {size:>5} {fc.total / 1e9:>14.1f} {parts["backbone"] / 1e9:>9.1f} '
             f'{parts.get("backbone_half", 0) / 1e9:>8.1f} {dec / 1e9:>8.1f} '
             f'{(kinds["deform_sampling"] + kinds["deform_matmul"]) / 1e9:>8.1f} '
             f'{kinds["attention"] / 1e9:>9.1f}')

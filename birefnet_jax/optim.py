@@ -13,6 +13,7 @@ Schedules are functions of the optimizer update count (0 for the first update), 
 import math
 from typing import Callable, Tuple
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -152,9 +153,28 @@ def make_schedule(cfg, steps_per_epoch: int, *, epochs=None, lr=None) -> Callabl
   return schedule
 
 
-def make_optimizer(opt_cfg, steps_per_epoch: int, *, epochs=None, lr=None):
+FROZEN, TRAINED = 'frozen', 'trained'
+
+
+def freeze_top_level(tx, frozen: tuple[str, ...]):
+  """``tx`` on every parameter except the top-level subtrees named in ``frozen`` (e.g. 'bb'),
+  which get zero updates and no optimizer state: no AdamW step, no weight decay. The official
+  ``freeze_bb`` sets ``requires_grad = False`` on the backbone, which torch's AdamW then skips."""
+  frozen = tuple(frozen)
+  if not frozen:
+    return tx
+
+  def labels(params):
+    return {name: jax.tree.map(lambda _, n=name: FROZEN if n in frozen else TRAINED, subtree)
+            for name, subtree in params.items()}
+  return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def make_optimizer(opt_cfg, steps_per_epoch: int, *, epochs=None, lr=None, frozen=()):
   """``(optax.GradientTransformation, schedule_fn)`` for ``opt_cfg`` (see ``optimizer_config``);
-  ``steps_per_epoch`` counts optimizer updates, ``epochs`` and ``lr`` as in ``make_schedule``.
+  ``steps_per_epoch`` counts optimizer updates, ``epochs`` and ``lr`` as in ``make_schedule``;
+  ``frozen`` names top-level parameter subtrees the optimizer leaves as they are ('bb' for a
+  frozen backbone, see ``freeze_top_level``).
 
   The chain is [clip by global norm] -> AdamW(schedule), wrapped in ``optax.MultiSteps`` when
   ``grad_accum_steps > 1`` (the clipping then sees the averaged gradient). ``optax.adamw``
@@ -170,6 +190,7 @@ def make_optimizer(opt_cfg, steps_per_epoch: int, *, epochs=None, lr=None):
   parts.append(optax.adamw(learning_rate=schedule, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
                            eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay)))
   tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
+  tx = freeze_top_level(tx, frozen)
   accum = int(opt_cfg.grad_accum_steps or 1)
   if accum < 1:
     raise ValueError(f'optim: grad_accum_steps must be >= 1, got {accum}')

@@ -36,13 +36,14 @@ from birefnet_jax import losses
 from birefnet_jax import optim
 from birefnet_jax.data.config import data_config
 from birefnet_jax.errors import UserError
-from birefnet_jax.models.config import PVT_PRESETS, SWIN_PRESETS, model_config
+from birefnet_jax.models.config import DINO_V3_PRESETS, PVT_PRESETS, SWIN_PRESETS, model_config
 
 BATCH_PER_DEVICE = 8
 
 # What ``configs/<task>.py:KEY=VALUE,...`` may choose, with what each value means.
 VARIANTS = {
-    'backbone': 'a backbone preset: ' + ', '.join(list(SWIN_PRESETS) + list(PVT_PRESETS)),
+    'backbone': 'a backbone preset: ' + ', '.join(list(SWIN_PRESETS) + list(PVT_PRESETS)
+                                                  + list(DINO_V3_PRESETS)),
     'size': 'the training resolution, N (N x N) or WxH, multiples of 32',
     'epochs': 'the number of training epochs (default: the official number for the task)',
     'task': 'the official task whose recipe to use (loss weights, lr, epochs, finetune, '
@@ -117,7 +118,7 @@ def parse_arg(arg) -> dict:
                       'e.g. --config configs/dis.py:backbone=swin_v1_t,size=512; ' +
                       '; '.join(f'{k}: {v}' for k, v in VARIANTS.items()))
     if key == 'backbone':
-      if value not in SWIN_PRESETS and value not in PVT_PRESETS:
+      if value not in SWIN_PRESETS and value not in PVT_PRESETS and value not in DINO_V3_PRESETS:
         raise UserError(f'config variant backbone={value}: unknown backbone', VARIANTS['backbone'])
       chosen['backbone'] = value
     elif key == 'size':

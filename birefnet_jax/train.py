@@ -34,6 +34,7 @@ from birefnet_jax import optim
 from birefnet_jax import sharding
 from birefnet_jax.convert.convert import config_to_json
 from birefnet_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
+from birefnet_jax.models import config as config_lib
 from birefnet_jax.train_state import TrainState
 
 
@@ -52,6 +53,12 @@ def global_batch_size(config) -> int:
   if config.batch_size > 0:
     return int(config.batch_size)
   return int(config.batch_size_per_device) * jax.device_count()
+
+
+def frozen_subtrees(model_config) -> tuple[str, ...]:
+  """Top-level parameter subtrees the optimizer leaves alone: ('bb',) for a frozen backbone
+  (``model.freeze_backbone``; None = official rule, DINOv3 frozen)."""
+  return ('bb',) if config_lib.backbone_frozen(model_config) else ()
 
 
 def peak_learning_rate(config, batch_size: int) -> float:
@@ -368,7 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   accum = int(config.optim.grad_accum_steps)
   tx, lr_schedule = optim.make_optimizer(config.optim, max(1, steps_per_epoch // accum),
                                          epochs=epochs,
-                                         lr=peak_learning_rate(config, batch_size))
+                                         lr=peak_learning_rate(config, batch_size),
+                                         frozen=frozen_subtrees(config.model))
 
   rng = jax.random.key(int(config.seed))
   init_rng, train_rng = jax.random.split(rng)
@@ -382,7 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_sharding = sharding.state_shardings(mesh, abstract_state)
   repl = sharding.replicated(mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-  log(f'model: {config.model.backbone.family} backbone, {n_params / 1e6:.2f} M parameters, '
+  log(f'model: {config.model.backbone.family} backbone'
+      f'{" (frozen)" if frozen_subtrees(config.model) else ""}, {n_params / 1e6:.2f} M parameters, '
       f'compute dtype {config.model.dtype}')
 
   # Checkpoints: resume from the workdir when it has one.

@@ -177,6 +177,7 @@ def test_quickstart_is_small():
     ('size=2560x1440', 'swin', 192, (1440, 2560), 500),          # W x H, as predict's --resolution
     ('epochs=3', 'swin', 192, (1024, 1024), 3),
     ('backbone=pvt_v2_b2', 'pvt_v2', None, (1024, 1024), 500),
+    ('backbone=dino_v3_b', 'dino_v3', 768, (1024, 1024), 500),
 ])
 def test_variants(arg, backbone, embed_dim, size, epochs):
   config = load('dis', arg)

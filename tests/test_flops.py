@@ -90,6 +90,27 @@ def test_swin_backbone_counts_what_xla_counts():
   assert fc.total < xla < 1.3 * fc.total, (xla, fc.total)
 
 
+def test_dino_v3_backbone_counts_what_xla_counts():
+  """The DINOv3 ViT (no loops): as for Swin, XLA adds only elementwise work."""
+  from birefnet_jax.models.dino_v3 import DinoV3  # pylint: disable=import-outside-toplevel
+  for swiglu in (False, True):
+    bb = config_lib.dino_v3_config(32, 4, 2, 64, swiglu, (0, 1, 2, 3))
+    fc = flops.FlopCount()
+    flops.dino_v3(fc, 'b', bb, (64, 96))
+    module = DinoV3(bb.embed_dim, bb.num_heads, bb.mlp_hidden, bb.out_indices, swiglu=swiglu)
+    xla = xla_flops(module, jnp.ones((1, 64, 96, 3)))
+    assert fc.total < xla < 1.3 * fc.total, (swiglu, xla, fc.total)
+
+
+def test_dino_v3_model_counts_the_neck():
+  cfg = config_lib.model_config('dino_v3_s')
+  parts = flops.count(cfg, (512, 512)).by_part()
+  # neck: 1x1 convs from 768 channels to 384 / 768 / 1536 / 3072 at strides 4 / 8 / 16 / 32
+  expected = sum(2 * (512 // s) ** 2 * 768 * c for s, c in zip((4, 8, 16, 32),
+                                                               (384, 768, 1536, 3072)))
+  assert parts['neck'] == expected
+
+
 def test_deformable_conv_xla_undercounts_the_scan():
   """k = 1: one scan step, XLA sees it all (plus the elementwise sampling weights). k = 3: XLA
   counts one kernel row of three in the sampling and the matmul; the analytic count does not."""

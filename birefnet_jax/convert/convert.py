@@ -94,10 +94,15 @@ def _check_relative_position_index(state_dict, cfg, source):
 
 
 def convert_state_dict(state_dict, *, inref_order: str = 'current', source: str = 'checkpoint',
-                       pvt_heads=infer.PVT_DEFAULT_HEADS):
-  """Full official BiRefNet state dict -> (model config, {'params', 'batch_stats'} of numpy)."""
+                       pvt_heads=infer.PVT_DEFAULT_HEADS, dino_heads=None, dino_out_indices=None):
+  """Full official BiRefNet state dict -> (model config, {'params', 'batch_stats'} of numpy).
+
+  ``dino_heads`` / ``dino_out_indices``: a DINOv3 backbone's head count and out indices, which
+  no tensor shape shows (default: those of the official preset of the same widths).
+  """
   state_dict = {names.strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
-  cfg = infer.infer_model_config(state_dict, inref_order=inref_order, pvt_heads=pvt_heads)
+  cfg = infer.infer_model_config(state_dict, inref_order=inref_order, pvt_heads=pvt_heads,
+                                 dino_heads=dino_heads, dino_out_indices=dino_out_indices)
   expected = names.flatten(abstract_variables(cfg))
   flat, _ = map_state_dict(state_dict, expected, source=source)
   _check_relative_position_index(state_dict, cfg, source)
@@ -113,8 +118,10 @@ def _classifier_only(key: str) -> bool:
 
 
 def convert_backbone_state_dict(state_dict, *, source: str = 'checkpoint',
-                                pvt_heads=infer.PVT_DEFAULT_HEADS):
-  """Official Swin/PVTv2 ImageNet weights -> (backbone config, {'params': {'bb': ...}}, ignored).
+                                pvt_heads=infer.PVT_DEFAULT_HEADS, dino_heads=None,
+                                dino_out_indices=None):
+  """Official Swin/PVTv2 ImageNet weights, or timm DINOv3 weights (bare timm keys or those of
+  the features_only model, ``model.*``) -> (backbone config, {'params': {'bb': ...}}, ignored).
 
   Extra classification keys (head.*, the final norm, attn_mask buffers) are ignored and reported.
   The per-stage output norms norm0..3 (Swin) that the ImageNet files lack keep their identity
@@ -123,9 +130,15 @@ def convert_backbone_state_dict(state_dict, *, source: str = 'checkpoint',
   state_dict = {names.strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
   if any(k.startswith('bb.') for k in state_dict):
     state_dict = {k[3:]: v for k, v in state_dict.items() if k.startswith('bb.')}
-  ignored = sorted(k for k in state_dict if _classifier_only(k))
+  dino = 'cls_token' in state_dict or 'model.cls_token' in state_dict
+  if dino:   # compare timm's own names, then nest them under the features_only wrapper's `model`
+    state_dict = {k[len('model.'):] if k.startswith('model.') else k: v
+                  for k, v in state_dict.items()}
+  ignored = sorted(k for k in state_dict if _classifier_only(k) or (dino and k.startswith('rope.')))
   kept = {k: v for k, v in state_dict.items() if k not in ignored}
-  bb_cfg = infer.infer_backbone(kept, '', pvt_heads)
+  if dino:
+    kept = {f'model.{k}': v for k, v in kept.items()}
+  bb_cfg = infer.infer_backbone(kept, '', pvt_heads, dino_heads, dino_out_indices)
   from birefnet_jax.models.birefnet import build_backbone  # pylint: disable=g-import-not-at-top
   backbone = build_backbone(bb_cfg, None, name=None)
   abstract = jax.eval_shape(lambda x: backbone.init(jax.random.PRNGKey(0), x),
@@ -156,6 +169,13 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     cfg.backbone = config_lib.pvt_config(backbone['embed_dims'], backbone['num_heads'],
                                          backbone['mlp_ratios'], backbone['depths'],
                                          backbone['sr_ratios'], backbone.get('drop_path_rate', 0.1))
+  elif family == 'dino_v3':
+    cfg.backbone = config_lib.dino_v3_config(
+        backbone['embed_dim'], backbone['depth'], backbone['num_heads'], backbone['mlp_hidden'],
+        backbone['swiglu'], backbone['out_indices'], timm_name=backbone.get('timm_name', ''))
+    for key in ('num_reg_tokens', 'rope_temperature'):
+      if key in backbone:
+        cfg.backbone[key] = backbone[key]
   else:
     raise ValueError(f'unknown backbone family {family!r} in the model config')
   for key in ('mlp_ratio', 'patch_size'):

@@ -1,7 +1,10 @@
 """Inferring the whole BiRefNet architecture from a state dict's names and shapes.
 
-Everything the official Config decides is visible in the tensors, except two things:
+Everything the official Config decides is visible in the tensors, except three things:
 - PVTv2 head counts (they do not change any shape): every official preset uses (1, 2, 5, 8).
+- DINOv3 head counts and out_indices (the blocks after the last out index are pruned, so the
+  block count is ``max(out_indices) + 1``): read from the official preset with the same widths
+  and block count, or given by the caller (``dino_heads``, ``dino_out_indices``).
 - The InRef patch order (identical keys and shapes, see ``birefnet_jax.models.birefnet``):
   the caller chooses it (``inref_order``).
 """
@@ -24,9 +27,44 @@ def _count(state_dict, pattern: str) -> int:
   return len(indices)
 
 
-def infer_backbone(state_dict, prefix: str = 'bb.', pvt_heads=PVT_DEFAULT_HEADS):
+def infer_dino_v3(state_dict, prefix: str = 'bb.', heads=None, out_indices=None):
+  """DINOv3 config from the ``{prefix}model.*`` tensors of timm's features_only model."""
+  sd = state_dict
+  p = f'{prefix}model.'
+  embed_dim = sd[f'{p}cls_token'].shape[-1]
+  depth = _count(sd, re.escape(f'{p}blocks.') + r'(\d+)\.')
+  swiglu = f'{p}blocks.0.mlp.fc1_g.weight' in sd
+  hidden = sd[f'{p}blocks.0.mlp.{"fc1_g" if swiglu else "fc1"}.weight'].shape[0]
+  reg_tokens = sd[f'{p}reg_token'].shape[1] if f'{p}reg_token' in sd else 0
+  # preset: (timm name, embed_dim, depth, heads, mlp hidden, swiglu, out_indices)
+  preset = [v for v in config_lib.DINO_V3_PRESETS.values()
+            if (v[1], v[2], v[4], v[5]) == (embed_dim, depth, hidden, swiglu)]
+  if heads is None:
+    if not preset:
+      raise ValueError(f'DINOv3 backbone of width {embed_dim}, {depth} blocks, MLP {hidden} '
+                       f'(swiglu {swiglu}) is no official preset: give its head count')
+    heads = preset[0][3]
+  if out_indices is None:
+    if not preset:
+      raise ValueError(f'DINOv3 backbone of width {embed_dim}, {depth} blocks is no official '
+                       'preset: give its out_indices')
+    out_indices = preset[0][6]
+  out_indices = tuple(int(i) for i in out_indices)
+  if max(out_indices) + 1 != depth or len(out_indices) != 4:
+    raise ValueError(f'DINOv3 out_indices {out_indices} do not fit the {depth} blocks of the '
+                     'checkpoint (the blocks after the last out index are pruned)')
+  bb = config_lib.dino_v3_config(embed_dim, depth, heads, hidden, swiglu, out_indices,
+                                 timm_name=preset[0][0] if preset else '')
+  bb.num_reg_tokens = reg_tokens
+  return bb
+
+
+def infer_backbone(state_dict, prefix: str = 'bb.', pvt_heads=PVT_DEFAULT_HEADS, dino_heads=None,
+                   dino_out_indices=None):
   """Backbone config from the ``bb.*`` (or bare backbone) tensors."""
   sd = state_dict
+  if f'{prefix}model.cls_token' in sd:  # DINOv3 (timm Eva inside FeatureGetterNet)
+    return infer_dino_v3(sd, prefix, dino_heads, dino_out_indices)
   if f'{prefix}patch_embed.proj.weight' in sd:  # Swin v1
     embed_dim = sd[f'{prefix}patch_embed.proj.weight'].shape[0]
     patch_size = sd[f'{prefix}patch_embed.proj.weight'].shape[-1]
@@ -58,14 +96,16 @@ def infer_backbone(state_dict, prefix: str = 'bb.', pvt_heads=PVT_DEFAULT_HEADS)
       sr = sd.get(f'{prefix}block{s}.0.attn.sr.weight')
       sr_ratios.append(sr.shape[-1] if sr is not None else 1)
     return config_lib.pvt_config(dims, pvt_heads, mlp_ratios, depths, sr_ratios)
-  raise ValueError('cannot tell the backbone: neither Swin (patch_embed.proj.weight) nor PVTv2 '
-                   f'(patch_embed1.proj.weight) tensors under the prefix {prefix!r}')
+  raise ValueError('cannot tell the backbone: neither Swin (patch_embed.proj.weight), PVTv2 '
+                   '(patch_embed1.proj.weight) nor DINOv3 (model.cls_token) tensors under the '
+                   f'prefix {prefix!r}')
 
 
-def infer_model_config(state_dict, inref_order: str = 'current', pvt_heads=PVT_DEFAULT_HEADS):
+def infer_model_config(state_dict, inref_order: str = 'current', pvt_heads=PVT_DEFAULT_HEADS,
+                       dino_heads=None, dino_out_indices=None):
   """The model config (``models.config.model_config`` fields) of a full BiRefNet state dict."""
   sd = state_dict
-  bb = infer_backbone(sd, 'bb.', pvt_heads)
+  bb = infer_backbone(sd, 'bb.', pvt_heads, dino_heads, dino_out_indices)
   native = np.array(config_lib.backbone_channels(bb))          # C1..C4
   cfg = config_lib.model_config('swin_v1_l')
   cfg.backbone = bb
@@ -73,12 +113,18 @@ def infer_model_config(state_dict, inref_order: str = 'current', pvt_heads=PVT_D
 
   if 'decoder.lateral_block4.conv.weight' not in sd:
     raise ValueError('not a BiRefNet checkpoint: decoder.lateral_block4.conv.weight is missing')
-  c3 = sd['decoder.lateral_block4.conv.weight'].shape[1]
+  neck = config_lib.uses_pyramid_neck(bb)
+  # x3 enters the decoder through lateral_block4, or through the pyramid neck first
+  c3 = sd['decoder.pyramid_neck_x3.conv.weight' if neck
+          else 'decoder.lateral_block4.conv.weight'].shape[1]
   factor = c3 // native[2]
   if factor * native[2] != c3 or factor not in (1, 2):
     raise ValueError(f'decoder width {c3} does not fit the backbone stage-3 width {native[2]}')
   cfg.mul_scl_ipt = 'cat' if factor == 2 else 'add'
   channels = native * factor
+  if neck:
+    cfg.pyramid_neck_channels = tuple(
+        int(sd[f'decoder.pyramid_neck_x{i}.conv.weight'].shape[0]) // factor for i in (4, 3, 2, 1))
 
   cfg.squeeze_blocks = _count(sd, r'squeeze_module\.(\d+)\.')
   if cfg.squeeze_blocks:

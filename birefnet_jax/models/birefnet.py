@@ -17,14 +17,17 @@ Module names mirror the official state dict (see ``birefnet_jax.convert.names``)
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
+from birefnet_jax.models.dino_v3 import DinoV3
 from birefnet_jax.models.gdt import laplacian_gdt_gt
 from birefnet_jax.models.layers import BatchNorm, conv, remat_if
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
+from birefnet_jax.models.pyramid_neck import neck_channels, pyramid_neck
 from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
 from birefnet_jax.models.swin import SwinTransformer
 
@@ -81,7 +84,15 @@ def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb', remat: bool 
                                         drop_path_rate=bb.drop_path_rate, dtype=dtype,
                                         remat=remat, remat_policy=remat_policy,
                                         name=name)
-  raise ValueError(f'unknown backbone family {bb.family!r} (expected swin or pvt_v2)')
+  if bb.family == 'dino_v3':
+    if attention != 'einsum':
+      raise ValueError(f"model.attention={attention!r} applies to Swin's window attention only; "
+                       "DINOv3 backbones take 'einsum'")
+    return DinoV3(embed_dim=bb.embed_dim, num_heads=bb.num_heads, mlp_hidden=bb.mlp_hidden,
+                  out_indices=tuple(bb.out_indices), swiglu=bb.swiglu,
+                  num_reg_tokens=bb.num_reg_tokens, rope_temperature=bb.rope_temperature,
+                  dtype=dtype, remat=remat, remat_policy=remat_policy, name=name)
+  raise ValueError(f'unknown backbone family {bb.family!r} (expected swin, pvt_v2 or dino_v3)')
 
 
 def decoder_block_class(cfg):
@@ -156,12 +167,16 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, images, x1, x2, x3, x4, gdt_gt, train: bool, deterministic: bool):
     cfg = self.cfg
+    height, width = images.shape[1:3]
     ch = encoder_channels(cfg)[::-1]                      # (C4, C3, C2, C1)
     ipt_out = (ch[0] // 8, ch[1] // 8, ch[2] // 8, ch[3] // 8)
+    if config_lib.uses_pyramid_neck(cfg.backbone):        # ViT features -> a Swin-L pyramid
+      x1, x2, x3, x4 = pyramid_neck((x1, x2, x3, x4), (height, width), neck_channels(cfg),
+                                    BasicLatBlk, self.dtype)
+      ch = neck_channels(cfg)[::-1]                       # the InRef widths stay the backbone's
     dec_out = (ch[1], ch[2], ch[3], ch[3] // 2)
     heads = cfg.ms_supervision and (train or self.is_initializing())
     out_ref = cfg.ms_supervision and cfg.out_ref
-    height, width = images.shape[1:3]
 
     scaled_logits, gdt_preds, gdt_labels = [], [], []
 
@@ -237,11 +252,15 @@ class BiRefNet(nn.Module):
                               remat_policy=cfg.get('remat_policy', ''),
                               attention=cfg.get('attention', 'einsum'))
 
-    # Encoder: full resolution, then the half-resolution pyramid pass.
-    features = list(backbone(x, deterministic=deterministic))
+    # Encoder: full resolution, then the half-resolution pyramid pass. A frozen backbone
+    # (official freeze_bb, the DINOv3 default) passes no gradient to its parameters.
+    encode = backbone
+    if config_lib.backbone_frozen(cfg):
+      encode = lambda a, **kw: [jax.lax.stop_gradient(f) for f in backbone(a, **kw)]
+    features = list(encode(x, deterministic=deterministic))
     if cfg.mul_scl_ipt in ('cat', 'add'):
       half = resize(x, (height // 2, width // 2))
-      for i, f in enumerate(backbone(half, deterministic=deterministic)):
+      for i, f in enumerate(encode(half, deterministic=deterministic)):
         f = resize(f, features[i].shape[1:3])
         features[i] = (jnp.concatenate([features[i], f], -1) if cfg.mul_scl_ipt == 'cat'
                        else features[i] + f)
