@@ -24,11 +24,29 @@ Sampling coordinates and the accumulation run in at least float32 (float64 under
 torchvision's autocast does; the result is cast back to ``x.dtype``.
 """
 
+import contextlib
+import contextvars
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+# True while tracing for a graph format without a usable loop (ONNX): the kernel rows are then
+# summed by a Python loop (the same additions in the same order) instead of ``lax.scan``.
+_UNROLL_KERNEL_ROWS = contextvars.ContextVar('unroll_kernel_rows', default=False)
+
+
+@contextlib.contextmanager
+def unrolled_kernel_rows():
+  """Within this context, functions traced sum the kernel rows without ``lax.scan`` (one
+  straight-line graph, e.g. for ONNX, whose converters turn a scan into a slow ``Loop``)."""
+  token = _UNROLL_KERNEL_ROWS.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL_KERNEL_ROWS.reset(token)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -106,7 +124,7 @@ def modulated_deform_conv2d(x, offset, mask, kernel, *, padding, stride=1, dilat
   grid_x = (jnp.arange(out_w) * stride_w - pad_w).astype(compute_dtype)
   grid_y = jnp.broadcast_to(grid_y[:, None], (out_h, out_w)).reshape(positions, 1)
   grid_x = jnp.broadcast_to(grid_x[None, :], (out_h, out_w)).reshape(positions, 1)
-  image_base = (jnp.arange(batch) * ((height + 1) * (width + 1)))[:, None, None]   # (B, 1, 1)
+  image_base = jax.lax.broadcasted_iota(jnp.int32, (batch, 1, 1), 0) * ((height + 1) * (width + 1))
 
   @jax.checkpoint  # recompute the row's gather in the backward pass instead of storing it
   def kernel_row_contribution(windows, dy, dx, m, w, row):
@@ -135,7 +153,13 @@ def modulated_deform_conv2d(x, offset, mask, kernel, *, padding, stride=1, dilat
     return acc + kernel_row_contribution(windows, *per_row), None
 
   out0 = jnp.zeros((batch, positions, out_features), compute_dtype)
-  out, _ = jax.lax.scan(step, out0, (row_dy, row_dx, row_mask, row_kernel, row_shift))
+  per_row = (row_dy, row_dx, row_mask, row_kernel, row_shift)
+  if _UNROLL_KERNEL_ROWS.get():
+    out = out0
+    for i in range(kh):
+      out, _ = step(out, tuple(a[i] for a in per_row))
+  else:
+    out, _ = jax.lax.scan(step, out0, per_row)
   return out.reshape(batch, out_h, out_w, out_features).astype(x.dtype)
 
 
