@@ -20,6 +20,9 @@ scan body is rematerialized in the backward pass, so the gradient too holds one 
 samples at a time. (Measured on CPU: grouping a kernel row per step instead of one tap cut
 forward+backward by 15-30 %; the packed 2x2 gather beat four corner gathers by ~1.6x backward.)
 
+Traced inside ``unrolled_kernel_rows()`` (the ONNX export) the kernel rows are summed by a Python
+loop instead of the scan: the same additions in the same order, with no loop in the graph.
+
 Sampling coordinates and the accumulation run in at least float32 (float64 under x64), as
 torchvision's autocast does; the result is cast back to ``x.dtype``.
 """
