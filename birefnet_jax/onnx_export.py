@@ -21,7 +21,8 @@ from birefnet_jax.models.deform_conv import unrolled_kernel_rows
 
 INPUT_NAME = 'input_image'
 OUTPUT_NAME = 'output_image'
-DEFAULT_OPSET = 17   # the official notebook's; onnxruntime has run it since 1.14
+DEFAULT_OPSET = 23   # jax2onnx's own default; onnxruntime >= 1.22 runs it (jax2onnx's opset 17
+# output is invalid: it writes ReduceMean with opset-18 inputs)
 
 
 def logits_function(model, variables):
