@@ -2,6 +2,8 @@
 the same logits as the JAX model (float32, within 1e-4), on a converted fixture model and on a
 tiny model at 1024x1024."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,8 @@ def test_fixture_model_exports_and_onnxruntime_matches_jax(tmp_path):
   np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.skipif(not os.environ.get('BIREFNET_ONNX_1024'),
+                    reason='a second jax2onnx conversion (minutes of CPU); set BIREFNET_ONNX_1024=1')
 def test_tiny_model_at_1024(tmp_path):
   """A tiny BiRefNet (the quickstart's reduced model, random weights) at the default 1024x1024."""
   cfg = tiny_model.quickstart_config().model
