@@ -1,8 +1,15 @@
-r"""Serializes the inference function with its weights (StableHLO via ``jax.export``).
+r"""Serializes the inference function with its weights: StableHLO via ``jax.export``, or ONNX.
 
   python -m birefnet_jax.export --checkpoint DST --output model.jaxexport \
       [--resolution 1024x1024] [--batch_size 1|dynamic] [--dtype float32|bfloat16|float16] \
       [--platforms cpu,cuda] [--overwrite]
+  python -m birefnet_jax.export --format onnx --checkpoint DST --output model.onnx \
+      [--resolution 1024x1024] [--batch_size 1] [--opset 23] [--overwrite]
+
+``--format onnx`` (the default for an ``--output`` ending in ``.onnx``) writes the official
+BiRefNet ONNX convention instead (``birefnet_jax.onnx_export``): input ``input_image`` float32
+NCHW (B, 3, H, W) ImageNet-normalized, first output ``output_image`` the final **logits**
+(B, 1, H, W) before the sigmoid; float32 only. It needs ``pip install 'birefnet_jax[onnx]'``.
 
 The artifact maps ImageNet-normalized images (B, H, W, 3) float32 — RGB, ``(x / 255 - mean) /
 std`` with the ImageNet mean/std, resized to the exported resolution — to **probabilities**
@@ -25,8 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from birefnet_jax import inference
+from birefnet_jax import onnx_export
 from birefnet_jax import writing
-from birefnet_jax.errors import exits_on_user_error
+from birefnet_jax.errors import UserError, exits_on_user_error
+
+FORMATS = ('jaxexport', 'onnx')
 
 
 def inference_function(model, variables):
@@ -58,6 +68,11 @@ def parse_args(argv):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   inference.add_checkpoint_arguments(parser)
   parser.add_argument('--output', required=True, help='file to write the serialized export to')
+  parser.add_argument('--format', choices=FORMATS, default=None,
+                      help="jaxexport (jax.export, NHWC probabilities) or onnx (NCHW logits); "
+                           "default: onnx for an OUTPUT ending in .onnx, else jaxexport")
+  parser.add_argument('--opset', type=int, default=onnx_export.DEFAULT_OPSET,
+                      help=f'ONNX opset (--format onnx; default {onnx_export.DEFAULT_OPSET})')
   parser.add_argument('--resolution', default=None,
                       help='input WIDTHxHEIGHT, multiples of 32 (default: the training '
                            f'resolution of a workdir, else {inference.DEFAULT_RESOLUTION})')
@@ -89,6 +104,16 @@ def parse_args(argv):
       parser.error('--batch_size must be >= 1')
   args.platform_list = ([p.strip() for p in args.platforms.split(',') if p.strip()]
                         if args.platforms else None)
+  if args.format is None:
+    args.format = 'onnx' if args.output.lower().endswith('.onnx') else 'jaxexport'
+  if args.format == 'onnx':
+    if args.dtype != 'float32':
+      parser.error('--format onnx exports float32 only')
+    if args.platforms:
+      parser.error('--platforms applies to --format jaxexport only')
+    if args.batch is None:
+      parser.error('--format onnx needs a fixed --batch_size for now (a symbolic batch through '
+                   'jax2onnx is not tested yet); export one file per batch size')
   return args
 
 
@@ -101,6 +126,8 @@ def main(argv=None) -> int:
   height, width = (inference.default_resolution(loaded) if args.resolution_hw == 'default'
                    else args.resolution_hw)
   print(f'loaded {loaded.description}')
+  if args.format == 'onnx':
+    return _write_onnx(args, loaded, height, width)
   exported = export_model(loaded.model, loaded.variables, height=height, width=width,
                           batch_size=args.batch,
                           dtype=args.dtype, platforms=args.platform_list)
@@ -110,6 +137,24 @@ def main(argv=None) -> int:
         f'  input  {exported.in_avals[0]} (ImageNet-normalized RGB)\n'
         f'  output {exported.out_avals[0]} (probabilities)\n'
         f'  platforms {", ".join(exported.platforms)}; compute dtype {args.dtype}')
+  return 0
+
+
+def _write_onnx(args, loaded, height, width) -> int:
+  onnx_export.import_converter()   # a clear error before the long tracing if it is missing
+  try:
+    proto = onnx_export.export_onnx(loaded.model, loaded.variables, height=height, width=width,
+                                    batch_size=args.batch, opset=args.opset)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  data = onnx_export.serialize(proto)
+  writing.write_atomically(args.output, data)
+  batch = 'B (dynamic)' if args.batch is None else args.batch
+  print(f'exported {args.checkpoint} -> {args.output} ({len(data) / 2**20:.1f} MiB, opset '
+        f'{args.opset})\n'
+        f'  input  {onnx_export.INPUT_NAME} float32 ({batch}, 3, {height}, {width}) '
+        '(ImageNet-normalized RGB, NCHW)\n'
+        f'  output {onnx_export.OUTPUT_NAME} float32 ({batch}, 1, {height}, {width}) (logits)')
   return 0
 
 

@@ -57,7 +57,9 @@ def load(checkpoint, step=None) -> model_loading.Loaded:
 def add_checkpoint_arguments(parser):
   """``--checkpoint`` and ``--step``, what ``load`` reads, for the command lines over it."""
   parser.add_argument('--checkpoint', required=True,
-                      help='converted checkpoint directory or training workdir')
+                      help='converted checkpoint directory, training workdir, or an official '
+                           'release by its Hugging Face Hub name (e.g. ZhengPeng7/BiRefNet_lite, '
+                           'downloaded and converted once into a cache)')
   parser.add_argument('--step', default=None,
                       help="a training workdir's checkpoint: 'best' (default: best by the run's "
                            "validation metric, else the latest), 'latest' or a step number")

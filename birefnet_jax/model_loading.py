@@ -22,7 +22,7 @@ from typing import Optional, Union
 import jax
 import numpy as np
 
-from birefnet_jax.convert import names
+from birefnet_jax.convert import hub, names, releases
 from birefnet_jax.convert.convert import (CONFIG_FILE, VARIABLES_DIR, config_from_json,
                                           load_converted, load_converted_backbone)
 
@@ -147,8 +147,25 @@ def load_workdir(workdir: str, step: Union[str, int, None] = 'best') -> Loaded:
                 f'{workdir} (step {chosen}, {why})')
 
 
+def load_release(name: str) -> Loaded:
+  """An official release by its Hub name ('ZhengPeng7/BiRefNet_lite[@revision]'): downloaded and
+  converted on first use into the cache (``convert.hub``), loaded from there after that, with
+  the release's training resolution."""
+  repo_id, revision = hub.parse_hub_name(name)
+  folder = hub.converted_release(repo_id, revision)
+  model, variables = load_converted(folder)
+  release = releases.find_release(repo_id)
+  return Loaded(model, variables, release.resolution, f'{name} ({folder})')
+
+
 def load(path: str, step: Union[str, int, None] = None) -> Loaded:
-  """The model and inference variables of a converter output or a training workdir."""
+  """The model and inference variables of a converter output, a training workdir, or an
+  official release named by its Hub repo id (``load_release``)."""
+  if not os.path.exists(os.fspath(path)) and hub.parse_hub_name(os.fspath(path)):
+    if step not in (None, 'best', 'latest'):
+      raise ValueError(f'{path} is an official release (one set of weights): --step does not '
+                       'apply')
+    return load_release(os.fspath(path))
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such checkpoint directory')

@@ -34,8 +34,14 @@ float32 buffer. The result is cast back to ``x.dtype``.
 ``modulated_deform_conv2d_autodiff`` is the previous implementation (a scan over kernel rows,
 differentiated by JAX, float32 throughout), kept as an independent reference for the tests and
 ``tools/bench_deform_conv.py --before``.
+
+Traced inside ``loop_free()`` (the ONNX export) the op is its forward alone, with no custom_vjp and
+no scan: position tiles (bounded as on an accelerator) are computed one after another by a Python
+loop and concatenated, the same arithmetic, as one straight-line graph instead of an ONNX ``Loop``.
 """
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, NamedTuple, Sequence
 
@@ -52,6 +58,22 @@ import jax.numpy as jnp
 # tile's backward within a few GiB, and a tile of the 7x7 branch (C = 64) still has ~20k positions.
 DEFAULT_MAX_SAMPLE_BYTES = {'cpu': 4 << 20}
 DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR = 256 << 20
+
+
+# True while tracing for a graph format without a usable loop (ONNX): see loop_free().
+_LOOP_FREE = contextvars.ContextVar('deform_conv_loop_free', default=False)
+
+
+@contextlib.contextmanager
+def loop_free():
+  """Within this context ``modulated_deform_conv2d`` traces as one straight-line forward graph
+  (no ``lax.scan``, no custom_vjp; tiles as on an accelerator, in a Python loop), e.g. for ONNX,
+  whose converters turn a scan into a slow ``Loop``. Not differentiable inside."""
+  token = _LOOP_FREE.set(True)
+  try:
+    yield
+  finally:
+    _LOOP_FREE.reset(token)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -157,9 +179,11 @@ def modulated_deform_conv2d(x, offset, mask, kernel, *, padding, stride=1, dilat
       jnp.result_type(x.dtype, offset.dtype, mask.dtype, kernel.dtype), jnp.float32)
   low_precision = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
   sample_dtype = jnp.dtype(x.dtype) if low_precision else compute_dtype
-  if max_sample_bytes is None:
-    max_sample_bytes = DEFAULT_MAX_SAMPLE_BYTES.get(jax.default_backend(),
-                                                    DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR)
+  loop_free_graph = _LOOP_FREE.get()
+  if max_sample_bytes is None:   # loop-free: few tiles, as each is a copy of the graph
+    max_sample_bytes = (DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR if loop_free_graph else
+                        DEFAULT_MAX_SAMPLE_BYTES.get(jax.default_backend(),
+                                                     DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR))
   rows = batch * out_h * out_w
   row_bytes = kh * kw * channels * jnp.dtype(compute_dtype).itemsize
   tile_rows = max(1, min(rows, int(max_sample_bytes) // row_bytes))
@@ -170,6 +194,8 @@ def modulated_deform_conv2d(x, offset, mask, kernel, *, padding, stride=1, dilat
   geo = _Geometry(batch, height, width, channels, kh, kw, out_features, out_h, out_w, pad,
                   strides, dil, jnp.dtype(compute_dtype), jnp.dtype(sample_dtype), tile_rows,
                   num_tiles, precision)
+  if loop_free_graph:
+    return _forward(geo, x, offset, mask, kernel, unroll_tiles=True)
   return _deform_op(geo)(x, offset, mask, kernel)
 
 
@@ -266,7 +292,7 @@ def _matmul(a, b, contract, geo: _Geometry):
                              preferred_element_type=geo.compute_dtype)
 
 
-def _forward(geo: _Geometry, x, offset, mask, kernel):
+def _forward(geo: _Geometry, x, offset, mask, kernel, unroll_tiles: bool = False):
   windows = _neighbourhoods(x.astype(geo.sample_dtype))
   kernel2d = kernel.reshape(geo.taps * geo.channels, geo.out_features)
 
@@ -281,6 +307,9 @@ def _forward(geo: _Geometry, x, offset, mask, kernel):
   per_row = _row_inputs(geo, offset, mask)
   if geo.num_tiles == 1:
     out = tile(*per_row)
+  elif unroll_tiles:
+    tiled = _tiled(geo, per_row)
+    out = jnp.concatenate([tile(*(a[i] for a in tiled)) for i in range(geo.num_tiles)])
   else:
     _, out = jax.lax.scan(lambda carry, xs: (carry, tile(*xs)), None, _tiled(geo, per_row))
     out = out.reshape(-1, geo.out_features)
@@ -383,7 +412,7 @@ def modulated_deform_conv2d_autodiff(x, offset, mask, kernel, *, padding, stride
   grid_x = (jnp.arange(out_w) * stride_w - pad_w).astype(compute_dtype)
   grid_y = jnp.broadcast_to(grid_y[:, None], (out_h, out_w)).reshape(positions, 1)
   grid_x = jnp.broadcast_to(grid_x[None, :], (out_h, out_w)).reshape(positions, 1)
-  image_base = (jnp.arange(batch) * ((height + 1) * (width + 1)))[:, None, None]   # (B, 1, 1)
+  image_base = jax.lax.broadcasted_iota(jnp.int32, (batch, 1, 1), 0) * ((height + 1) * (width + 1))
 
   @jax.checkpoint  # recompute the row's gather in the backward pass instead of storing it
   def kernel_row_contribution(windows, dy, dx, m, w, row):
