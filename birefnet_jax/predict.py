@@ -52,7 +52,8 @@ def parse_args(argv):
                            f'{inference.DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', type=int, default=1)
   parser.add_argument('--dtype', choices=inference.DTYPES, default='float32',
-                      help='compute dtype (parameters stay float32)')
+                      help='compute dtype (bfloat16: conv/dense kernels cast to bfloat16 once, '
+                      'norms and biases float32)')
   parser.add_argument('--attention', choices=ATTENTION_IMPLEMENTATIONS, default=None,
                       help="Swin window attention: einsum (default), xla, or cudnn (cuDNN's fused "
                            'kernel; GPU with --dtype bfloat16)')
