@@ -8,8 +8,9 @@ all backends count custom calls (cuDNN's fused attention). This counter walks th
 
 * ``conv``: every convolution, 2 * output positions * kh * kw * C_in / groups * C_out (the
   deformable convs' offset and modulator convs included);
-* ``dense``: every Dense / Linear, 2 * tokens * C_in * C_out (Swin's qkv and proj on the
-  window-padded map, as they are computed);
+* ``dense``: every Dense / Linear, 2 * tokens * C_in * C_out (Swin's qkv and proj on the real
+  tokens only: the window padding's q/k/v are the qkv bias, and the output is cropped before
+  proj);
 * ``attention``: the two attention matmuls (Q K^T and P V), 4 * queries * keys * C per window
   (Swin) or per image (PVT's reduced keys);
 * ``deform_sampling``: the bilinear sampling of the deformable conv, the 4 corners weighted and
@@ -134,12 +135,12 @@ def swin(fc, part, bb, hw):
     del heads  # the matmul FLOPs do not depend on the head split
     c = bb.embed_dim * 2**s
     tokens = h * w
-    padded = _ceil_to(h, win) * _ceil_to(w, win)   # the window-padded map qkv/proj run on
+    padded = _ceil_to(h, win) * _ceil_to(w, win)   # the window-padded map attention runs on
     hidden = int(c * bb.mlp_ratio)
     for _ in range(depth):
-      dense(fc, part, padded, c, 3 * c)            # qkv
+      dense(fc, part, tokens, c, 3 * c)            # qkv (real tokens; padding gets its bias)
       fc.add(part, 'attention', 4 * padded * n * c)  # Q K^T and P V: (padded / n) windows
-      dense(fc, part, padded, c, c)                # proj
+      dense(fc, part, tokens, c, c)                # proj (cropped to the real tokens first)
       dense(fc, part, tokens, c, hidden)           # mlp.fc1
       dense(fc, part, tokens, hidden, c)           # mlp.fc2
     sizes.append((h, w))

@@ -170,6 +170,93 @@ def with_inference_options(model, dtype: Optional[str], attention: Optional[str]
   return type(model)(cfg)
 
 
+# BatchNorm name -> the layer before it, whose output channels it scales (models/decoder_blocks.py,
+# models/aspp.py, the decoder's OutRef convs).
+_BATCH_NORM_INPUTS = {'bn_in': ('conv_in',), 'bn_out': ('conv_out',), 'bn1': ('conv1',),
+                      'bn': ('atrous_conv', 'regular_conv'),
+                      'global_avg_pool_2': ('global_avg_pool_1',)}
+
+
+def _batch_norm_input(name):
+  if name in _BATCH_NORM_INPUTS:
+    return _BATCH_NORM_INPUTS[name]
+  if name.startswith('gdt_convs_') and name.endswith('_1'):      # gdt_convs_{level}_1
+    return (name[:-1] + '0',)
+  return None
+
+
+def fold_batch_norms(variables, epsilon: float = 1e-5):
+  """Eval-mode BatchNorms folded into the conv before each: kernel * s and bias * s + t for
+  s = scale / sqrt(var + eps), t = bias - mean * s (computed in float64 on the host).
+
+  Returns new variables for the same model in eval mode: a folded BatchNorm keeps only
+  ``batch_stats/.../folded_shift`` (``layers.BatchNorm`` then adds it, or nothing when it went
+  into the conv's bias: an empty array). Every BatchNorm of BiRefNet follows a conv
+  (``_BATCH_NORM_INPUTS``); one that does not is left as it is. Training must use the unfolded
+  variables.
+  """
+  params = jax.tree.map(np.asarray, variables['params'])
+  stats = jax.tree.map(np.asarray, variables.get('batch_stats', {}))
+
+  def walk(p, st):
+    p, st = dict(p), dict(st)
+    for name in list(st):
+      entry = st[name]
+      if not isinstance(entry, dict):
+        continue
+      source = _batch_norm_input(name)
+      if 'mean' in entry and 'var' in entry and name in p and source:
+        layer = p
+        for key in source:
+          layer = layer.get(key, {}) if isinstance(layer, dict) else {}
+        if 'kernel' in layer:
+          bn = p.pop(name)
+          var, mean = entry['var'].astype(np.float64), entry['mean'].astype(np.float64)
+          s = bn['scale'].astype(np.float64) / np.sqrt(var + epsilon)
+          t = bn['bias'].astype(np.float64) - mean * s
+          layer = dict(layer)
+          kernel = layer['kernel']
+          layer['kernel'] = (kernel.astype(np.float64) * s).astype(kernel.dtype)
+          if 'bias' in layer:
+            layer['bias'] = (layer['bias'].astype(np.float64) * s + t).astype(layer['bias'].dtype)
+            shift = np.zeros((0,), kernel.dtype)
+          else:
+            shift = t.astype(kernel.dtype)
+          parent = p
+          for key in source[:-1]:
+            parent[key] = dict(parent[key])
+            parent = parent[key]
+          parent[source[-1]] = layer
+          st[name] = {'folded_shift': shift}
+          continue
+      if name in p and isinstance(p[name], dict):
+        p[name], st[name] = walk(p[name], entry)
+    return p, st
+
+  params, stats = walk(params, stats)
+  return dict(variables, params=params, batch_stats=stats)
+
+
+def cast_kernels(variables, dtype):
+  """Every conv/dense ``kernel`` in ``dtype`` (e.g. bfloat16), once, for a model computing in
+  that dtype (it would cast them on every call); norms, biases and BatchNorm statistics stay as
+  they are (float32), as under torch autocast."""
+  def cast(path, leaf):
+    name = getattr(path[-1], 'key', None)
+    return leaf.astype(dtype) if name == 'kernel' else leaf
+  return jax.tree_util.tree_map_with_path(cast, variables)
+
+
+def inference_variables(model, variables):
+  """What the predictor keeps on the device for ``model``: BatchNorms folded, and the kernels in
+  the compute dtype when it is a low-precision one."""
+  variables = fold_batch_norms(variables)
+  dtype = model.cfg.get('dtype', 'float32')
+  if dtype not in (None, 'float32', 'float64'):
+    variables = cast_kernels(variables, jnp.dtype(dtype))
+  return variables
+
+
 def model_probabilities(model, variables, images):
   """Normalized images (B, H, W, 3) -> probabilities (B, H, W, 1) float32: the sigmoid of the
   final logits, computed in float32 (the predictor's forward pass and the exported function)."""
@@ -203,7 +290,7 @@ class Predictor:
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     self.model = with_inference_options(model, dtype, attention)
-    self.variables = jax.device_put(variables)
+    self.variables = jax.device_put(inference_variables(self.model, variables))
     self.resolution = (parse_resolution(resolution) if isinstance(resolution, str) or
                        resolution is None else tuple(resolution))
     self.batch_size = batch_size

@@ -52,8 +52,9 @@ def parse_args(argv):
                            f'{inference.DEFAULT_RESOLUTION})')
   parser.add_argument('--batch_size', type=int, default=1)
   parser.add_argument('--dtype', choices=inference.DTYPES, default='float32',
-                      help='compute dtype (parameters stay float32); float16 as the official '
-                           "tutorials' torch autocast fp16")
+                      help='compute dtype (bfloat16 / float16: conv/dense kernels cast once, '
+                           'norms and biases float32; float16 as the official tutorials\' torch '
+                           'autocast fp16)')
   parser.add_argument('--attention', choices=ATTENTION_IMPLEMENTATIONS, default=None,
                       help="Swin window attention: einsum (default), xla, or cudnn (cuDNN's fused "
                            'kernel; GPU with --dtype bfloat16)')

@@ -64,15 +64,15 @@ def test_grouped_conv_and_dense_match_xla():
 
 
 def test_window_attention_matches_xla():
-  """qkv, Q K^T, P V and proj of Swin's WindowAttention; XLA adds the softmax and the biases
-  (~2 % here)."""
-  dim, heads, win, windows = 64, 2, 7, 4
+  """qkv, Q K^T, P V and proj of Swin's WindowAttention on a map that needs window padding: qkv
+  and proj run on the real tokens only; XLA adds the softmax and the biases (~2 % here)."""
+  dim, heads, win = 64, 2, 7
   n = win * win
-  x = jnp.ones((1, windows, n, dim))
+  x = jnp.ones((1, 12, 13, dim))          # padded to 14 x 14: 4 windows, 196 - 156 padding tokens
   fc = flops.FlopCount()
-  tokens = windows * n
-  flops.dense(fc, 'a', tokens, dim, 3 * dim)
-  fc.add('a', 'attention', 4 * tokens * n * dim)
+  tokens, padded = 12 * 13, 14 * 14
+  flops.dense(fc, 'a', tokens, dim, 3 * dim)    # qkv and proj on the real tokens only
+  fc.add('a', 'attention', 4 * padded * n * dim)
   flops.dense(fc, 'a', tokens, dim, dim)
   xla = xla_flops(WindowAttention(dim, heads, win), x)
   assert fc.total <= xla <= 1.05 * fc.total, (xla, fc.total)

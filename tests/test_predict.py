@@ -7,6 +7,7 @@ import os
 import cv2
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -302,14 +303,20 @@ def test_predict_images_original_resolution_batches_by_shape():
     assert_masks_match(mask, mask_reference(model, variables, image, size))
 
 
-def test_bfloat16_computes_in_bfloat16_with_float32_weights(model_and_variables):
+def test_bfloat16_computes_in_bfloat16_with_kernels_cast_once(model_and_variables):
+  """The predictor holds the conv/dense kernels in bfloat16 (cast once, not on every call);
+  norms, biases and BatchNorm statistics stay float32; the output is float32."""
   model, variables = model_and_variables
   bf16 = inference.Predictor(model, variables, resolution='64x64', dtype='bfloat16')
   assert bf16.model.cfg.dtype == 'bfloat16' and model.cfg.dtype == 'float32'
   lowered = jax.jit(bf16._forward).lower(bf16.variables, np.zeros((1, 64, 64, 3), np.float32))
   text = lowered.as_text()
   assert 'bf16' in text and 'convolution' in text
-  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(bf16.variables))
+  leaves = jax.tree_util.tree_leaves_with_path(bf16.variables)
+  kernels = [leaf for path, leaf in leaves if getattr(path[-1], 'key', '') == 'kernel']
+  others = [leaf for path, leaf in leaves if getattr(path[-1], 'key', '') != 'kernel']
+  assert kernels and all(leaf.dtype == jnp.bfloat16 for leaf in kernels)
+  assert others and all(leaf.dtype == np.float32 for leaf in others)
   assert lowered.out_info.dtype == np.float32
 
 

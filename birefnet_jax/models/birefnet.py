@@ -130,6 +130,38 @@ class BasicLatBlk(nn.Module):
     return conv(self.out_channels, 1, dtype=self.dtype, name='conv')(x)
 
 
+class OutputConv(nn.Module):
+  """The official tail ``conv_out1(cat([upsample(p1), inref]))``: a 1x1 conv to one logit.
+
+  In the float32/float64 path computed as written. With a low-precision ``dtype`` the 1x1 conv's
+  p1 part runs before the (linear, per-channel) resize: resize(p1) @ W == resize(p1 @ W), so
+  one channel is upsampled to full resolution instead of p1's (192 for SwinL) and nothing wide
+  is concatenated there. Same parameters (``kernel`` (1, 1, C_p1 + C_inref, 1), ``bias``).
+  """
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, p1, inref, size):
+    c_p1 = p1.shape[-1]
+    c_in = c_p1 + (0 if inref is None else inref.shape[-1])
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (1, 1, c_in, 1))
+    bias = self.param('bias', nn.initializers.zeros, (1,))
+    if self.dtype is None:
+      x = resize(p1, size)
+      if inref is not None:
+        x = jnp.concatenate([x, inref], -1)
+      dtype = jnp.result_type(x.dtype, kernel.dtype)
+      out = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1),
+                                         ((0, 0), (0, 0)),
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return out + bias.astype(dtype)   # as flax's nn.Conv computes it
+    w = kernel[0, 0].astype(self.dtype)
+    out = resize(jnp.einsum('bhwc,co->bhwo', p1.astype(self.dtype), w[:c_p1]), size)
+    if inref is not None:
+      out = out + jnp.einsum('bhwc,co->bhwo', inref.astype(self.dtype), w[c_p1:])
+    return out + bias.astype(self.dtype)
+
+
 class Decoder(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: Any = None
@@ -217,10 +249,10 @@ class Decoder(nn.Module):
     if cfg.dec_ipt:
       x = jnp.concatenate([x, self._inref('ipt_blk2', ipt_out[2], images, x1.shape[1:3])], -1)
     p1 = self._dec_block('decoder_block1', dec_out[3], x, train, deterministic)
-    p1 = resize(p1, (height, width))
+    inref = None
     if cfg.dec_ipt:
-      p1 = jnp.concatenate([p1, self._inref('ipt_blk1', ipt_out[3], images, (height, width))], -1)
-    final = conv(1, 1, dtype=self.dtype, name='conv_out1_0')(p1)
+      inref = self._inref('ipt_blk1', ipt_out[3], images, (height, width))
+    final = OutputConv(self.dtype, name='conv_out1_0')(p1, inref, (height, width))
     scaled_logits.append(final)
     return scaled_logits, gdt_preds, gdt_labels
 
@@ -253,15 +285,19 @@ class BiRefNet(nn.Module):
                               attention=cfg.get('attention', 'einsum'))
 
     # Encoder: full resolution, then the half-resolution pyramid pass. A frozen backbone
-    # (official freeze_bb, the DINOv3 default) passes no gradient to its parameters.
+    # (official freeze_bb, the DINOv3 default) passes no gradient to its parameters. In a
+    # low-precision mode the stage outputs (float32 LayerNorms) continue in the compute dtype:
+    # their consumers (resizes, concatenations, convs) are bf16 work under torch autocast too,
+    # and half the bytes to move.
     encode = backbone
     if config_lib.backbone_frozen(cfg):
       encode = lambda a, **kw: [jax.lax.stop_gradient(f) for f in backbone(a, **kw)]
-    features = list(encode(x, deterministic=deterministic))
+    low = (lambda f: f) if dtype is None else (lambda f: f.astype(dtype))
+    features = [low(f) for f in encode(x, deterministic=deterministic)]
     if cfg.mul_scl_ipt in ('cat', 'add'):
       half = resize(x, (height // 2, width // 2))
       for i, f in enumerate(encode(half, deterministic=deterministic)):
-        f = resize(f, features[i].shape[1:3])
+        f = resize(low(f), features[i].shape[1:3])
         features[i] = (jnp.concatenate([features[i], f], -1) if cfg.mul_scl_ipt == 'cat'
                        else features[i] + f)
     elif cfg.mul_scl_ipt:

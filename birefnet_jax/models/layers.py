@@ -69,6 +69,12 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    if not train and self.has_variable('batch_stats', 'folded_shift'):
+      # Folded into the preceding layer for inference (inference.fold_batch_norms): what is
+      # left is a per-channel shift, zero when it went into that layer's bias.
+      shift = self.get_variable('batch_stats', 'folded_shift')
+      out_dtype = self.dtype or x.dtype
+      return x.astype(out_dtype) + shift.astype(out_dtype) if shift.size else x.astype(out_dtype)
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,))
     bias = self.param('bias', nn.initializers.zeros, (features,))

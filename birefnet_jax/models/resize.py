@@ -10,8 +10,15 @@ Parity detail: torch computes the coordinates in the tensor's dtype,
 ``guard_index_and_lambda`` in ``aten/src/ATen/native/UpSample.h``), and interpolates along W
 first, then along H. Doing the same reproduces torch's float32 resize to ~1e-7 (exact
 coordinates differ by up to ~1e-4 on a unit-variance map).
+
+Each axis is resized by a dense matmul with a static (out, in) interpolation matrix (two
+non-zeros per row), not by gathering: the gradient is then the transposed matmul, where a gather's
+gradient would be a scatter-add (slow on GPUs under contention, openxla/xla#26371). Float32 and
+float64 inputs multiply at full precision (never TF32); low-precision inputs multiply in their
+dtype with float32 sums.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,19 +53,46 @@ def _axis_weights(x, axis: int, out_size: int):
   return i0, i1, lam.reshape(shape)
 
 
+def interpolation_matrix(in_size: int, out_size: int, dtype=np.float32) -> np.ndarray:
+  """The (out_size, in_size) matrix of one axis: row o holds ``1 - lam`` at ``i0`` and ``lam``
+  at ``i1`` (``source_indices``), so ``matrix @ x`` is the 1-D resize of ``x`` along that axis.
+  When ``i0 == i1`` (the last source pixel) the two weights add up in the coordinate dtype."""
+  cdt = _coordinate_dtype(dtype)
+  i0, i1, lam = source_indices(in_size, out_size, dtype)
+  matrix = np.zeros((out_size, in_size), cdt)
+  rows = np.arange(out_size)
+  np.add.at(matrix, (rows, i0), (1 - lam).astype(cdt))
+  np.add.at(matrix, (rows, i1), lam)
+  return matrix
+
+
+def _matmul_dtypes(dtype):
+  """(precision, accumulation dtype) of the resize matmuls for inputs of ``dtype``."""
+  if jnp.dtype(dtype) in (jnp.float32, jnp.float64):
+    # Full precision: GPUs would otherwise run float32 matmuls as TF32.
+    return jax.lax.Precision.HIGHEST, jnp.dtype(dtype)
+  return None, jnp.float32
+
+
 def _resize_axis(x, axis: int, out_size: int):
-  weights = _axis_weights(x, axis, out_size)
-  if weights is None:
+  """Resizes ``axis`` (1 = H or 2 = W) of NHWC ``x`` by a dense matmul with
+  :func:`interpolation_matrix` (in ``x``'s dtype), accumulated in at least float32. Linear in
+  ``x``, so its gradient is the transposed matmul: no gather, no scatter-add."""
+  in_size = x.shape[axis]
+  if in_size == out_size:
     return x
-  i0, i1, lam = weights
-  lam = jnp.asarray(lam).astype(x.dtype)
-  x0 = jnp.take(x, jnp.asarray(i0), axis=axis, mode='clip')
-  x1 = jnp.take(x, jnp.asarray(i1), axis=axis, mode='clip')
-  return (1 - lam) * x0 + lam * x1
+  matrix = jnp.asarray(interpolation_matrix(in_size, out_size, x.dtype)).astype(x.dtype)
+  precision, accumulate = _matmul_dtypes(x.dtype)
+  spec = 'oh,bhwc->bowc' if axis == 1 else 'ow,bhwc->bhoc'
+  out = jnp.einsum(spec, matrix, x, precision=precision, preferred_element_type=accumulate)
+  return out.astype(x.dtype)
 
 
 def resize_bilinear_align_corners(x, size):
-  """Resizes NHWC ``x`` to ``size = (height, width)`` like torch's align_corners=True bilinear."""
+  """Resizes NHWC ``x`` to ``size = (height, width)`` like torch's align_corners=True bilinear.
+
+  Two dense matmuls, along W then along H (torch's order); in a low-precision dtype the weights
+  and the output between and after them are in that dtype, the sums in float32."""
   out_h, out_w = int(size[0]), int(size[1])
   x = _resize_axis(x, 2, out_w)
   return _resize_axis(x, 1, out_h)
@@ -78,8 +112,8 @@ def _resize_axis_np(x, axis: int, out_size: int):
 
 
 def resize_bilinear_align_corners_np(x, size):
-  """The same resize on the host, in numpy, for ``x`` of shape (H, W, ...): bit-identical to
-  :func:`resize_bilinear_align_corners` run op by op. For outputs whose sizes vary from image
+  """The same resize on the host, in numpy, for ``x`` of shape (H, W, ...), by gathering the two
+  source pixels (equal to :func:`resize_bilinear_align_corners` up to float rounding). For outputs whose sizes vary from image
   to image (original image or GT sizes), where a jitted resize would compile once per size."""
   x = np.asarray(x)
   if x.dtype not in (np.float32, np.float64):

@@ -35,22 +35,30 @@ def relative_position_index(window_size: int) -> np.ndarray:
   return (dy * (2 * w - 1) + dx).astype(np.int64)
 
 
-def shifted_window_mask(padded_h: int, padded_w: int, window_size: int) -> np.ndarray:
-  """Additive attention mask of the shifted blocks, (num_windows, w*w, w*w), 0 or -inf.
+def shifted_window_regions(padded_h: int, padded_w: int, window_size: int) -> np.ndarray:
+  """Region label of every token of every window of the shifted blocks, (num_windows, w*w) int32.
 
   As the official ``BasicLayer.forward``: the *padded* map is split into 3 x 3 regions by the
   slices [0, Hp-w), [Hp-w, Hp-s), [Hp-s, Hp) (same on W) with s = w // 2; after the cyclic
-  shift, a token may only attend to tokens of its own region. Padded tokens are not masked.
-  Every row keeps its own token, so -inf never makes a softmax row empty.
+  shift, a token may only attend to tokens of its own region (padded tokens are not masked).
+  The official dense mask is ``labels[:, :, None] != labels[:, None, :]``; keeping the labels
+  (a few KB) instead of that (nW, N, N) constant lets the comparison fuse into the softmax.
   """
   w, s = window_size, window_size // 2
   bounds_h = (0, padded_h - w, padded_h - s, padded_h)
   bounds_w = (0, padded_w - w, padded_w - s, padded_w)
-  labels = np.zeros((padded_h, padded_w), np.int64)
+  labels = np.zeros((padded_h, padded_w), np.int32)
   for i in range(3):
     for j in range(3):
       labels[bounds_h[i]:bounds_h[i + 1], bounds_w[j]:bounds_w[j + 1]] = 3 * i + j
-  windows = window_partition(labels[None, :, :, None], w)[0, ..., 0]  # (nW, w*w)
+  return window_partition(labels[None, :, :, None], w)[0, ..., 0]  # (nW, w*w)
+
+
+def shifted_window_mask(padded_h: int, padded_w: int, window_size: int) -> np.ndarray:
+  """Additive attention mask of the shifted blocks, (num_windows, w*w, w*w), 0 or -inf: the
+  dense form of :func:`shifted_window_regions`. Every row keeps its own token, so -inf never
+  makes a softmax row empty."""
+  windows = shifted_window_regions(padded_h, padded_w, window_size)
   different = windows[:, :, None] != windows[:, None, :]
   return np.where(different, -np.inf, 0.0)
 
@@ -80,15 +88,57 @@ def window_reverse(windows, window_size: int, padded_h: int, padded_w: int):
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn')
 
 
-class WindowAttention(nn.Module):
-  """Multi-head self-attention inside each window, with the relative position bias.
+def _pad_with(x, pad_b: int, pad_r: int, value):
+  """Pads (B, H, W, C) ``x`` at the bottom/right with the per-channel ``value`` (C,)."""
+  b, h, w, c = x.shape
+  if pad_r:
+    x = jnp.concatenate([x, jnp.broadcast_to(value, (b, h, pad_r, c))], axis=2)
+  if pad_b:
+    x = jnp.concatenate([x, jnp.broadcast_to(value, (b, pad_b, w + pad_r, c))], axis=1)
+  return x
 
-  Input (B, nW, N, C) with N = w*w; all windows of all images in one batched computation.
-  ``attention`` picks how: 'einsum' (two einsums around a float32 softmax; the reference, and
-  the default), or ``jax.nn.dot_product_attention`` with ``implementation`` 'xla' or 'cudnn'
-  (cuDNN's fused attention: GPU only, bfloat16/float16 compute only). The fused kernels take one
-  additive bias per (window, head): the relative position bias plus, in shifted blocks, the
-  window's mask, broadcast over the batch.
+
+def _partition_heads(qkv, window_size: int, heads: int):
+  """(B, Hp, Wp, 3*heads*hd) -> q, k, v each (B, nW, heads, w*w, hd): the window partition, the
+  official (3, heads, head_dim) feature split and the head-major layout of the batched matmuls,
+  in one transpose."""
+  b, hp, wp, f = qkv.shape
+  w = window_size
+  hd = f // (3 * heads)
+  x = qkv.reshape(b, hp // w, w, wp // w, w, 3, heads, hd)
+  x = x.transpose(5, 0, 1, 3, 6, 2, 4, 7)            # (3, B, Hp/w, Wp/w, heads, w, w, hd)
+  x = x.reshape(3, b, (hp // w) * (wp // w), heads, w * w, hd)
+  return x[0], x[1], x[2]
+
+
+def _merge_heads(out, window_size: int, padded_h: int, padded_w: int):
+  """(B, nW, heads, w*w, hd) -> (B, Hp, Wp, heads*hd): the inverse of :func:`_partition_heads`
+  for one of q/k/v (window reverse and head merge in one transpose)."""
+  b, _, heads, _, hd = out.shape
+  w = window_size
+  x = out.reshape(b, padded_h // w, padded_w // w, heads, w, w, hd)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6)               # (B, Hp/w, w, Wp/w, w, heads, hd)
+  return x.reshape(b, padded_h, padded_w, heads * hd)
+
+
+class WindowAttention(nn.Module):
+  """(Shifted) window multi-head self-attention on a (B, H, W, C) map, with the relative
+  position bias; returns (B, H, W, C).
+
+  As the official block: the map is zero-padded at the bottom/right to window multiples, rolled
+  by -``shift`` (shifted blocks), split into windows, attended (with ``regions`` from
+  :func:`shifted_window_regions` masking tokens of other regions in shifted blocks), merged,
+  rolled back and cropped. Computed without work on the padding: qkv runs on the real tokens
+  only (a padded token is a zero vector, so its q/k/v are exactly the qkv bias, which fills the
+  padding), and the output is cropped before ``proj`` (a per-token map).
+
+  ``attention`` picks how: 'einsum' (two batched matmuls around a float32 softmax, the
+  reference and the default; with a low-precision ``dtype`` the logits come out of the matmul in
+  that dtype and the softmax runs in float32, as under torch autocast), or
+  ``jax.nn.dot_product_attention`` with ``implementation`` 'xla' or 'cudnn' (cuDNN's fused
+  attention: GPU only, bfloat16/float16 compute only). The fused kernels take one additive bias
+  per (window, head): the relative position bias plus, in shifted blocks, the window's mask,
+  broadcast over the batch.
   """
   dim: int
   num_heads: int
@@ -97,46 +147,63 @@ class WindowAttention(nn.Module):
   attention: str = 'einsum'
 
   @nn.compact
-  def __call__(self, windows, mask=None):
-    b, nw, n, c = windows.shape
+  def __call__(self, x, shift: int = 0, regions=None):
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'WindowAttention: attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                       f'got {self.attention!r}')
+    _, h, w_, _ = x.shape
     heads = self.num_heads
     head_dim = self.dim // heads
     w = self.window_size
+    n = w * w
     table = self.param('relative_position_bias_table', nn.initializers.truncated_normal(0.02),
                        ((2 * w - 1) ** 2, heads))
 
-    # qkv features are laid out (3, heads, head_dim), as the official reshape reads them.
-    qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name='qkv')(windows)
-    qkv = qkv.reshape(b, nw, n, 3, heads, head_dim)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    qkv_layer = nn.Dense(3 * self.dim, dtype=self.dtype, name='qkv')
+    qkv = qkv_layer(x)                                    # real tokens only
+    pad_b, pad_r = (-h) % w, (-w_) % w
+    hp, wp = h + pad_b, w_ + pad_r
+    if pad_b or pad_r:   # padded tokens: qkv(0) = the bias, exactly
+      qkv = _pad_with(qkv, pad_b, pad_r, qkv_layer.variables['params']['bias'].astype(qkv.dtype))
+    if shift:
+      qkv = jnp.roll(qkv, (-shift, -shift), axis=(1, 2))
+    q, k, v = _partition_heads(qkv, w, heads)             # (B, nW, heads, N, hd)
+    b, nw = q.shape[:2]
     index = relative_position_index(w).reshape(-1)
     bias = table[index].reshape(n, n, heads).transpose(2, 0, 1)  # (heads, N, N)
+    different = None
+    if shift:
+      regions = jnp.asarray(regions)
+      different = regions[:, None, :, None] != regions[:, None, None, :]   # (nW, 1, N, N)
 
     if self.attention == 'einsum':
-      # Logits and softmax in at least float32 (float64 stays float64).
-      logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-      logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k, preferred_element_type=logits_dtype)
-      logits = logits * jnp.asarray(head_dim ** -0.5, logits_dtype)
-      logits = logits + bias.astype(logits_dtype)
-      if mask is not None:  # (nW, N, N), shared by all images and heads
-        logits = logits + jnp.asarray(mask, logits_dtype)[None, :, None]
+      # The official scales q before Q K^T; the logits in the compute dtype (float32 in the
+      # float32/float64 paths), the softmax in at least float32.
+      softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
+      q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+      logits = jnp.einsum('bwhqd,bwhkd->bwhqk', q, k, preferred_element_type=q.dtype)
+      logits = logits.astype(softmax_dtype) + bias.astype(softmax_dtype)
+      if different is not None:  # shared by all images and heads
+        logits = jnp.where(different, jnp.asarray(-jnp.inf, softmax_dtype), logits)
       probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-      out = jnp.einsum('bwhqk,bwkhd->bwqhd', probs, v)
-    elif self.attention in ('xla', 'cudnn'):
+      out = jnp.einsum('bwhqk,bwhkd->bwhqd', probs, v)
+    else:
       bias = bias[None]                                            # (1, heads, N, N)
-      if mask is not None:                                         # (B*nW, heads, N, N)
-        bias = bias[None] + jnp.asarray(mask, bias.dtype)[None, :, None]
+      if different is not None:                                    # (B*nW, heads, N, N)
+        bias = jnp.where(different, jnp.asarray(-jnp.inf, bias.dtype), bias)[None]
         bias = jnp.broadcast_to(bias, (b, nw, heads, n, n)).reshape(b * nw, heads, n, n)
-      flat = lambda t: t.reshape(b * nw, n, heads, head_dim)     # (batch, tokens, heads, dim)
+      # (batch, tokens, heads, dim)
+      flat = lambda t: t.transpose(0, 1, 3, 2, 4).reshape(b * nw, n, heads, head_dim)
       if self.attention == 'cudnn':
         bias = bias.astype(q.dtype)   # cuDNN takes the bias in the compute dtype
       out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), bias,
                                          scale=head_dim ** -0.5,
                                          implementation=self.attention)
-    else:
-      raise ValueError(f'WindowAttention: attention must be one of {ATTENTION_IMPLEMENTATIONS}, '
-                       f'got {self.attention!r}')
-    out = out.reshape(b, nw, n, c)
+      out = out.reshape(b, nw, n, heads, head_dim).transpose(0, 1, 3, 2, 4)
+    out = _merge_heads(out, w, hp, wp)
+    if shift:
+      out = jnp.roll(out, (shift, shift), axis=(1, 2))
+    out = out[:, :h, :w_, :]                              # crop before proj
     return nn.Dense(self.dim, dtype=self.dtype, name='proj')(out)
 
 
@@ -165,28 +232,18 @@ class SwinBlock(nn.Module):
   attention: str = 'einsum'
 
   @nn.compact
-  def __call__(self, x, shift_mask, deterministic: bool = True):
-    _, h, w_, _ = x.shape
+  def __call__(self, x, shift_regions, deterministic: bool = True):
     win = self.window_size
     drop_path = DropPath(self.drop_path_rate, name='drop_path')
 
     shortcut = x
     y = layer_norm(name='norm1')(x)
-    # Pad after the norm: padded tokens are zero vectors, attended to like any other token.
-    pad_b, pad_r = (-h) % win, (-w_) % win
-    if pad_b or pad_r:
-      y = jnp.pad(y, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
-    hp, wp = h + pad_b, w_ + pad_r
+    if self.dtype is not None:
+      y = y.astype(self.dtype)     # what qkv computes in; half the bytes to read
     shift = win // 2 if self.shifted else 0
-    if shift:
-      y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
-    y = window_partition(y, win)
     y = WindowAttention(self.dim, self.num_heads, win, dtype=self.dtype,
-                        attention=self.attention, name='attn')(y, shift_mask if shift else None)
-    y = window_reverse(y, win, hp, wp)
-    if shift:
-      y = jnp.roll(y, (shift, shift), axis=(1, 2))
-    y = y[:, :h, :w_, :]
+                        attention=self.attention, name='attn')(y, shift,
+                                                               shift_regions if shift else None)
     x = shortcut + drop_path(y, deterministic).astype(shortcut.dtype)
 
     y = layer_norm(name='norm2')(x)
@@ -235,16 +292,16 @@ class SwinStage(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     _, h, w, _ = x.shape
     # remat: recompute each block in the backward pass instead of storing its activations.
-    # SwinBlock(x, shift_mask, deterministic): deterministic (argnum 3 with self) is static.
+    # SwinBlock(x, shift_regions, deterministic): deterministic (argnum 3 with self) is static.
     block = remat_if(SwinBlock, self.remat, (3,), self.remat_policy)
     win = self.window_size
     # Built on the padded size, with no clamping of the window for small maps.
-    mask = shifted_window_mask(-(-h // win) * win, -(-w // win) * win, win)
+    regions = shifted_window_regions(-(-h // win) * win, -(-w // win) * win, win)
     for m in range(self.depth):
       x = block(self.dim, self.num_heads, win, shifted=(m % 2 == 1),
                     mlp_ratio=self.mlp_ratio, drop_path_rate=float(self.drop_path_rates[m]),
                     dtype=self.dtype, attention=self.attention,
-                    name=f'blocks_{m}')(x, mask, deterministic)
+                    name=f'blocks_{m}')(x, regions, deterministic)
     if not self.downsample:
       return x, None
     down = PatchMerging(self.dim, dtype=self.dtype, name='downsample')(x)

@@ -1,0 +1,171 @@
+"""What a BiRefNet costs, from XLA's cost analysis of the compiled (never run) program, per image.
+
+  python tools/bench_cost.py --preset swin_v1_l --size 1024 --batch 1
+  python tools/bench_cost.py --preset swin_v1_l --size 1024 --modes infer --json /tmp/cost.json
+  python tools/bench_cost.py --preset tiny --size 128 --modes infer,train     # seconds on CPU
+
+For each mode the model is lowered and compiled for the local backend (CPU on a machine without an
+accelerator) from abstract shapes (``jax.ShapeDtypeStruct``: no weights are made, nothing runs),
+and ``compiled.cost_analysis()`` gives 'flops' and 'bytes accessed'. The modes:
+
+* ``infer``: ``model.apply(variables, images)`` in eval mode, as ``jax.jit`` would run it for
+  prediction (the variables float32, the compute in ``--dtype``);
+* ``train``: the training loop's own step (``train.make_train_step``: train-mode forward with
+  Dropout/DropPath on, the official DIS5K losses, gradients, AdamW, the state donated), as
+  ``tools/bench_model.py`` times it.
+
+XLA's undercount of loops: the cost analysis counts a while loop's body once. The deformable
+convolution (``models/deform_conv.py``) loops over kernel rows with ``lax.scan``, so XLA sees one
+row of each (1 of 7 for the 7x7 branch): both its 'flops' and its 'bytes accessed' are low by the
+deformable conv's loop trips. This tool does not unroll (that would change the program measured);
+it prints the analytic count (``birefnet_jax.flops``: every conv, matmul, attention matmul and
+deformable conv, counted from the config) beside XLA's, and the analytic deformable-conv share,
+so the gap is visible. Bytes have no analytic twin: compare 'bytes accessed' before and after a
+change on the same loops. A train step's analytic count is 3x the train-mode forward.
+
+Figures are per image (divided by ``--batch``). XLA's CPU cost model counts every operand and
+result of every fused computation once ('bytes accessed' is HBM-like traffic between fusions,
+not cache behaviour): a proxy for the memory traffic of the GPU program, not a measurement of it.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+
+from birefnet_jax import flops as flops_lib
+from birefnet_jax import losses, optim, train
+from birefnet_jax.models.birefnet import BiRefNet
+from birefnet_jax.train_state import TrainState
+
+from bench_model import FAST_COMPILE_OPTIONS, SMALL_PRESETS, make_model_config, parse_size
+
+MODES = ('infer', 'train')
+
+
+def abstract_variables(model, images):
+  """The model's variables as ShapeDtypeStructs (no init is compiled or run)."""
+  return jax.eval_shape(lambda x: model.init({'params': jax.random.PRNGKey(0)}, x, train=False),
+                        jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+
+
+def lower_infer(model, images):
+  variables = abstract_variables(model, images)
+  return jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images)
+
+
+def lower_train(model, images, batch):
+  variables = abstract_variables(model, images)
+  tx, schedule = optim.make_optimizer(optim.optimizer_config(), steps_per_epoch=1000,
+                                      lr=optim.official_learning_rate('DIS5K', batch))
+  step = jax.jit(train.make_train_step(model, tx, schedule, base_rng=jax.random.PRNGKey(0),
+                                       deterministic=False, use_class_labels=False),
+                 donate_argnums=0)
+  state = jax.eval_shape(lambda v: TrainState.create(v, tx), variables)
+  masks = jax.ShapeDtypeStruct(images.shape[:3] + (1,), jnp.float32)
+  lambdas = {k: jnp.float32(v) for k, v in losses.pixel_lambdas('DIS5K').items() if v != 0}
+  return step.lower(state, dict(image=images, mask=masks), lambdas)
+
+
+def xla_costs(compiled):
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+
+
+def measure(cfg, mode, size, batch, fast=True):
+  """One row of per-image figures for ``mode`` of the model ``cfg`` at ``size`` = (H, W)."""
+  model = BiRefNet(cfg)
+  images = jax.ShapeDtypeStruct((batch,) + tuple(size) + (3,), jnp.float32)
+  start = time.perf_counter()
+  lowered = lower_infer(model, images) if mode == 'infer' else lower_train(model, images, batch)
+  compiled = lowered.compile(compiler_options=FAST_COMPILE_OPTIONS if fast else None)
+  compile_s = time.perf_counter() - start
+  flops, nbytes = xla_costs(compiled)
+  train_mode = mode == 'train'
+  counted = flops_lib.count(cfg, size, train=train_mode)
+  kinds = counted.by_kind()
+  factor = 3 if train_mode else 1
+  deform = factor * (kinds.get('deform_sampling', 0) + kinds.get('deform_matmul', 0))
+  return dict(mode=mode, size=f'{size[0]}x{size[1]}', batch=batch, dtype=cfg.dtype,
+              attention=cfg.attention, compile_s=compile_s,
+              xla_gflop=flops / batch / 1e9, xla_gb=nbytes / batch / 1e9,
+              analytic_gflop=factor * counted.total / 1e9,
+              analytic_dense_gflop=factor * kinds.get('dense', 0) / 1e9,
+              analytic_deform_gflop=deform / 1e9)
+
+
+COLUMNS = (('mode', '{}'), ('size', '{}'), ('batch', '{}'), ('dtype', '{}'), ('attention', '{}'),
+           ('xla_gflop', '{:.1f}'), ('xla_gb', '{:.2f}'), ('analytic_gflop', '{:.1f}'),
+           ('analytic_dense_gflop', '{:.1f}'), ('analytic_deform_gflop', '{:.1f}'),
+           ('compile_s', '{:.1f}'))
+
+
+def format_rows(rows):
+  header = [name for name, _ in COLUMNS]
+  cells = [[fmt.format(r[name]) for name, fmt in COLUMNS] for r in rows]
+  widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+            for i, h in enumerate(header)]
+  lines = ['  '.join(h.rjust(w) for h, w in zip(header, widths))]
+  lines += ['  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+  return '\n'.join(lines)
+
+
+def build_parser():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--preset', default='swin_v1_l',
+                 help=f'a backbone preset (swin_v1_l, pvt_v2_b2, ...) or one of {SMALL_PRESETS}')
+  p.add_argument('--size', default='1024', help='N or HxW, multiples of 32')
+  p.add_argument('--train_size', default='',
+                 help='size of the train step if not --size (its compile is the slow one)')
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16', 'float16'))
+  p.add_argument('--attention', default='einsum', help="Swin window attention: einsum, xla, ...")
+  p.add_argument('--modes', default='infer,train', help='comma-separated: infer, train')
+  p.add_argument('--full_compile', action='store_true',
+                 help='compile with the default LLVM optimization (slower; the HLO, and so the '
+                 'cost analysis, is the same)')
+  p.add_argument('--json', default='', help='also append each row to this file (JSON lines)')
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  modes = [m.strip() for m in args.modes.split(',') if m.strip()]
+  for m in modes:
+    if m not in MODES:
+      raise SystemExit(f'bench_cost: unknown mode {m!r} (expected {MODES})')
+  if args.batch < 1:
+    raise SystemExit('bench_cost: --batch must be at least 1')
+  size = parse_size(args.size)
+  train_size = parse_size(args.train_size) if args.train_size else size
+  cfg = make_model_config(args.preset, args.dtype, attention=args.attention)
+  print(f'# {args.preset} {cfg.dtype} on {jax.devices()[0].platform}: compiled, not run; '
+        'per image', flush=True)
+  rows = []
+  for mode in modes:
+    row = measure(cfg, mode, train_size if mode == 'train' else size, args.batch,
+                  fast=not args.full_compile)
+    row['preset'] = args.preset
+    rows.append(row)
+    print(format_rows([row]), flush=True)
+    if args.json:
+      with open(args.json, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(row) + '\n')
+  if len(rows) > 1:
+    print(format_rows(rows))
+  return rows
+
+
+if __name__ == '__main__':
+  main()
