@@ -15,13 +15,15 @@ and ``compiled.cost_analysis()`` gives 'flops' and 'bytes accessed'. The modes:
   ``tools/bench_model.py`` times it.
 
 XLA's undercount of loops: the cost analysis counts a while loop's body once. The deformable
-convolution (``models/deform_conv.py``) loops over kernel rows with ``lax.scan``, so XLA sees one
-row of each (1 of 7 for the 7x7 branch): both its 'flops' and its 'bytes accessed' are low by the
-deformable conv's loop trips. This tool does not unroll (that would change the program measured);
-it prints the analytic count (``birefnet_jax.flops``: every conv, matmul, attention matmul and
-deformable conv, counted from the config) beside XLA's, and the analytic deformable-conv share,
-so the gap is visible. Bytes have no analytic twin: compare 'bytes accessed' before and after a
-change on the same loops. A train step's analytic count is 3x the train-mode forward.
+convolution (``models/deform_conv.py``) processes its positions in tiles with ``lax.scan`` when its
+sample buffer exceeds ``max_sample_bytes`` (4 MiB on CPU), so by default XLA sees one tile of
+each. ``--deform_tile_bytes 1e12`` makes every deformable conv one tile (no scan: the same
+arithmetic, straight-line), so 'flops' and 'bytes accessed' count all of it. (The previous
+implementation, before the fast path, scanned over kernel rows: XLA saw 1 of k rows of each, so
+figures measured on it undercount its deformable convs.) The analytic count
+(``birefnet_jax.flops``: every conv, matmul, attention matmul and deformable conv, counted from
+the config) is printed beside XLA's, with its deformable-conv share. A train step's analytic
+count is 3x the train-mode forward.
 
 Figures are per image (divided by ``--batch``). XLA's CPU cost model counts every operand and
 result of every fused computation once ('bytes accessed' is HBM-like traffic between fusions,
@@ -41,8 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from birefnet_jax import flops as flops_lib
-from birefnet_jax import losses, optim, train
+from birefnet_jax import inference, losses, optim, train
+from birefnet_jax.models import deform_conv
 from birefnet_jax.models.birefnet import BiRefNet
 from birefnet_jax.train_state import TrainState
 
@@ -57,8 +62,19 @@ def abstract_variables(model, images):
                         jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
 
 
-def lower_infer(model, images):
+def predictor_variables(model, variables):
+  """The abstract variables the predictor keeps (``inference.inference_variables``: BatchNorms
+  folded, kernels in a low-precision compute dtype), from zeros of the abstract ones (the
+  folding runs on the host; only the shapes and dtypes are used)."""
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
+  prepared = inference.inference_variables(model, zeros)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), prepared)
+
+
+def lower_infer(model, images, as_predictor=False):
   variables = abstract_variables(model, images)
+  if as_predictor:
+    variables = predictor_variables(model, variables)
   return jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images)
 
 
@@ -83,12 +99,13 @@ def xla_costs(compiled):
   return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
 
 
-def measure(cfg, mode, size, batch, fast=True):
+def measure(cfg, mode, size, batch, fast=True, as_predictor=False):
   """One row of per-image figures for ``mode`` of the model ``cfg`` at ``size`` = (H, W)."""
   model = BiRefNet(cfg)
   images = jax.ShapeDtypeStruct((batch,) + tuple(size) + (3,), jnp.float32)
   start = time.perf_counter()
-  lowered = lower_infer(model, images) if mode == 'infer' else lower_train(model, images, batch)
+  lowered = (lower_infer(model, images, as_predictor) if mode == 'infer'
+             else lower_train(model, images, batch))
   compiled = lowered.compile(compiler_options=FAST_COMPILE_OPTIONS if fast else None)
   compile_s = time.perf_counter() - start
   flops, nbytes = xla_costs(compiled)
@@ -136,6 +153,13 @@ def build_parser():
                  help='compile with the default LLVM optimization (slower; the HLO, and so the '
                  'cost analysis, is the same)')
   p.add_argument('--json', default='', help='also append each row to this file (JSON lines)')
+  p.add_argument('--deform_tile_bytes', type=float, default=0,
+                 help="the deformable conv's sample-buffer bound per tile (max_sample_bytes); "
+                 'e.g. 1e12: one tile, no scan, so XLA counts all of it (0: the default, 4 MiB '
+                 'on CPU: a scan over tiles, whose body XLA counts once)')
+  p.add_argument('--predictor_variables', action='store_true',
+                 help='infer with the variables the predictor keeps (BatchNorms folded, kernels '
+                 'cast to the compute dtype once) instead of float32 training variables')
   return p
 
 
@@ -147,6 +171,8 @@ def main(argv=None):
       raise SystemExit(f'bench_cost: unknown mode {m!r} (expected {MODES})')
   if args.batch < 1:
     raise SystemExit('bench_cost: --batch must be at least 1')
+  if args.deform_tile_bytes:
+    deform_conv.DEFAULT_MAX_SAMPLE_BYTES[jax.default_backend()] = int(args.deform_tile_bytes)
   size = parse_size(args.size)
   train_size = parse_size(args.train_size) if args.train_size else size
   cfg = make_model_config(args.preset, args.dtype, attention=args.attention)
@@ -155,8 +181,9 @@ def main(argv=None):
   rows = []
   for mode in modes:
     row = measure(cfg, mode, train_size if mode == 'train' else size, args.batch,
-                  fast=not args.full_compile)
-    row['preset'] = args.preset
+                  fast=not args.full_compile, as_predictor=args.predictor_variables)
+    row.update(preset=args.preset, deform_tile_bytes=args.deform_tile_bytes or None,
+               predictor_variables=args.predictor_variables)
     rows.append(row)
     print(format_rows([row]), flush=True)
     if args.json:
