@@ -111,9 +111,11 @@ def test_dino_v3_model_counts_the_neck():
   assert parts['neck'] == expected
 
 
-def test_deformable_conv_xla_undercounts_the_scan():
-  """k = 1: one scan step, XLA sees it all (plus the elementwise sampling weights). k = 3: XLA
-  counts one kernel row of three in the sampling and the matmul; the analytic count does not."""
+def test_deformable_conv_xla_counts_one_tile_of_the_scan(monkeypatch):
+  """In one tile (no scan) XLA sees the whole deformable conv: the analytic count, within the
+  elementwise extras (the sampling weights). Tiled by a scan over positions, XLA counts one
+  tile's body: below the analytic count."""
+  from birefnet_jax.models import deform_conv  # pylint: disable=import-outside-toplevel
   h = w = 32
   c_in, c_out = 16, 24
   x = jnp.ones((1, h, w, c_in))
@@ -121,13 +123,15 @@ def test_deformable_conv_xla_undercounts_the_scan():
     fc = flops.FlopCount()
     flops.deformable_conv(fc, 'd', (h, w), c_in, c_out, k)
     kinds = fc.by_kind()
-    xla = xla_flops(DeformableConv2d(c_out, k), x)
     pad_fraction = (valid_taps(h, k, k // 2) / (h * k)) ** 2   # the offset/modulator convs
-    xla_view = (kinds['conv'] * pad_fraction
-                + (kinds['deform_matmul'] + kinds['deform_sampling']) / k)  # one row of k
-    assert xla_view <= xla <= 1.2 * xla_view, (k, xla, xla_view)
-    if k > 1:
-      assert xla < 0.75 * fc.total, (xla, fc.total)
+    whole = kinds['conv'] * pad_fraction + kinds['deform_matmul'] + kinds['deform_sampling']
+    monkeypatch.setitem(deform_conv.DEFAULT_MAX_SAMPLE_BYTES, 'cpu', 1 << 30)   # one tile
+    xla = xla_flops(DeformableConv2d(c_out, k), x)
+    assert whole <= xla <= 1.1 * whole, (k, xla, whole)
+    # Tiles of ~20 kB: (32 * 32 positions x k^2 taps x 16 channels x 4 bytes) / 20 kB tiles.
+    monkeypatch.setitem(deform_conv.DEFAULT_MAX_SAMPLE_BYTES, 'cpu', 20000)
+    tiled = xla_flops(DeformableConv2d(c_out, k), x)
+    assert tiled < 0.6 * whole, (k, tiled, whole)
 
 
 def test_tiny_model_parts_and_xla():
@@ -159,7 +163,9 @@ def test_tiny_model_parts_and_xla():
 def test_swin_l_1024_is_about_2_5_tflop():
   cfg = config_lib.model_config('swin_v1_l')
   fc = flops.count(cfg, 1024)
-  assert 2.4e12 < fc.total < 2.7e12, fc.total
+  # ~2.54 TFLOP as the official model computes it, less the ~146 GFLOP of qkv / proj on window
+  # padding tokens that our Swin skips (window 12: stage 1's 256² tokens are padded to 264²).
+  assert 2.3e12 < fc.total < 2.5e12, fc.total
   kinds = fc.by_kind()
   # The 7x7 deformable conv of the 256² stage alone: 2 * 256² * 49 * 64 * 256 (~105 GFLOP).
   assert kinds['deform_matmul'] > 105e9
