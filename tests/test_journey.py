@@ -68,7 +68,7 @@ def copy_repository(destination):
       shutil.copy2(source, destination / name)
 
 
-def run(argv, cwd, timeout=900, **env):
+def run(argv, cwd, timeout=1800, **env):
   """One README command (argv[0] 'python' is this interpreter), as a user runs it."""
   if argv[0] == 'python':
     argv = [sys.executable, *argv[1:]]

@@ -186,9 +186,12 @@ def modulated_deform_conv2d(x, offset, mask, kernel, *, padding, stride=1, dilat
                                                      DEFAULT_MAX_SAMPLE_BYTES_ACCELERATOR))
   rows = batch * out_h * out_w
   row_bytes = kh * kw * channels * jnp.dtype(compute_dtype).itemsize
-  tile_rows = max(1, min(rows, int(max_sample_bytes) // row_bytes))
-  num_tiles = -(-rows // tile_rows)
-  tile_rows = -(-rows // num_tiles)            # balanced tiles: at most num_tiles - 1 pad rows
+  if isinstance(batch, int):
+    tile_rows = max(1, min(rows, int(max_sample_bytes) // row_bytes))
+    num_tiles = -(-rows // tile_rows)
+    tile_rows = -(-rows // num_tiles)          # balanced tiles: at most num_tiles - 1 pad rows
+  else:   # a symbolic batch (jax.export with a polymorphic batch): one tile, no padding rows
+    tile_rows, num_tiles = rows, 1
   if isinstance(precision, list):
     precision = tuple(precision)
   geo = _Geometry(batch, height, width, channels, kh, kw, out_features, out_h, out_w, pad,
@@ -231,7 +234,7 @@ def _row_inputs(geo: _Geometry, offset, mask):
   origin_y = jnp.broadcast_to(origin_y[None, :, None], shape).reshape(rows).astype(cdt)
   origin_x = jnp.broadcast_to(origin_x[None, None, :], shape).reshape(rows).astype(cdt)
   image = jnp.broadcast_to(jnp.arange(geo.batch)[:, None, None], shape).reshape(rows)
-  extra = geo.num_tiles * geo.tile_rows - rows
+  extra = 0 if geo.num_tiles == 1 else geo.num_tiles * geo.tile_rows - rows
   per_row = (offset[..., 0], offset[..., 1], mask, origin_y, origin_x, image)
   if extra:   # pad rows: mask 0, so they contribute nothing and receive zero gradients
     per_row = tuple(jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) for a in per_row)
@@ -352,7 +355,7 @@ def _backward(geo: _Geometry, x, offset, mask, kernel, g):
 
   per_row = _row_inputs(geo, offset, mask)
   g_rows = g.reshape(geo.rows, geo.out_features)
-  extra = geo.num_tiles * geo.tile_rows - geo.rows
+  extra = 0 if geo.num_tiles == 1 else geo.num_tiles * geo.tile_rows - geo.rows
   if extra:
     g_rows = jnp.pad(g_rows, ((0, extra), (0, 0)))
   init = (jnp.zeros((geo.batch * (geo.height + 2) * w2, geo.channels), cdt),
