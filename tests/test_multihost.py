@@ -44,7 +44,10 @@ TRAIN_FLAGS = (
     '--config.eval_at_end=False', '--config.ckpt_every=1000', '--config.num_sample_images=0',
     '--initialization_timeout=60')
 FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-RUN_TIMEOUT = 600   # seconds, per launched run
+# Seconds per launched run. On a quiet 2-core machine the 2-process run compiles its train step
+# in ~50 s; in CI four such processes (two runs) compile at once beside the other test worker,
+# and one took 407 s (2026-12-02), so 600 s ended a healthy run at its preemption checkpoint.
+RUN_TIMEOUT = 1200
 
 
 def base_env(**extra):
