@@ -1,5 +1,5 @@
-"""ASPPDeformable's call-time rewrites: conv1 with the pooled branch as a per-image bias, and the
-offset/modulator convs as one conv, against the plain formulation; parameter tree unchanged."""
+"""ASPPDeformable's call-time rewrite: conv1 with the pooled branch as a per-image bias, against
+the plain formulation; parameter tree unchanged."""
 
 import jax
 import jax.numpy as jnp
