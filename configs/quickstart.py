@@ -1,5 +1,5 @@
 """A tiny BiRefNet on the built-in synthetic data set: trains and validates on a 2-core CPU in
-about 5 minutes and visibly learns (S-measure ~0.69 after 64 steps, ~0.82 after 192; the README
+5 to 10 minutes and visibly learns (S-measure ~0.69 after 64 steps, ~0.82 after 192; the README
 has the measured curve).
 
   python -m birefnet_jax.main --config configs/quickstart.py --workdir runs/quickstart
