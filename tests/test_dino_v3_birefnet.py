@@ -7,6 +7,8 @@ Fixture ``tests/data/dinov3_birefnet_tiny.*``: official BiRefNet (commit 25cb930
 import gzip
 import json
 from pathlib import Path
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +18,14 @@ import pytest
 from safetensors.numpy import load as load_safetensors
 
 from birefnet_jax import optim
-from birefnet_jax.convert import convert_state_dict
+from birefnet_jax.convert import convert_state_dict, load_converted
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.birefnet import BiRefNet
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 DATA = Path(__file__).parent / 'data'
+ROOT = Path(__file__).parent.parent
 NAME = 'dinov3_birefnet_tiny'
 F64_ATOL = 1e-9   # float64 vs torch float64: summation order only (observed ~1e-13)
 
@@ -156,3 +159,41 @@ def test_optimizer_leaves_a_frozen_backbone_alone():
   n_trained = sum(int(np.prod(a.shape)) for k, v in params.items() if k != 'bb'
                   for a in jax.tree.leaves(v))
   assert sum(int(np.prod(m.shape)) for m in moments) == 2 * n_trained
+
+
+def test_converter_command_takes_the_dino_heads_and_out_indices(tmp_path, desc, io):
+  """tools/convert_torch_weights.py on a DINOv3 BiRefNet of no official preset's widths (the
+  fixture): without the flags one error line names the file and the flag to give; with them it
+  converts, model_config.json holds the given heads and out indices (the fixture's), and the
+  loaded output gives the official eval logits."""
+  src = tmp_path / f'{NAME}.safetensors'
+  src.write_bytes(gzip.decompress((DATA / f'{NAME}.safetensors.gz').read_bytes()))
+  tool = str(ROOT / 'tools' / 'convert_torch_weights.py')
+
+  def convert(*flags, dst):
+    return subprocess.run([sys.executable, tool, str(src), str(tmp_path / dst), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+  result = convert(dst='without_flags')
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1, result.stderr
+  assert str(src) in errors[0] and '--dino-heads' in errors[0], errors[0]
+  assert not (tmp_path / 'without_flags').exists()
+
+  result = convert('--dino-out-indices', '0,1,3', dst='bad_flag')
+  assert result.returncode == 2 and 'four comma-separated ints' in result.stderr, result.stderr
+
+  kwargs = desc['backbone']['create_model_kwargs']
+  result = convert('--dino-heads', str(kwargs['num_heads']), '--dino-out-indices',
+                   ','.join(map(str, kwargs['out_indices'])), dst='converted')
+  assert result.returncode == 0, result.stderr[-2000:]
+  backbone = json.loads((tmp_path / 'converted' / 'model_config.json').read_text())['backbone']
+  assert backbone['family'] == 'dino_v3'
+  assert backbone['num_heads'] == kwargs['num_heads'] == 2
+  assert tuple(backbone['out_indices']) == tuple(kwargs['out_indices']) == (0, 1, 3, 4)
+  model, variables = load_converted(str(tmp_path / 'converted'))
+  logits = jax.jit(model.apply)(variables, nhwc(io['input']))
+  np.testing.assert_allclose(np.asarray(logits), nhwc(io['eval_final_logits']), rtol=0,
+                             atol=desc['tolerances']['eval_final_logits'])

@@ -2,7 +2,7 @@
 """Converts an official BiRefNet PyTorch checkpoint into a Flax checkpoint.
 
   python tools/convert_torch_weights.py SRC DST [--inref-order legacy|current] [--revision REV]
-      [--overwrite]
+      [--overwrite] [--dino-heads N --dino-out-indices I,J,K,L]
 
 SRC: a Hugging Face Hub repo id such as ``ZhengPeng7/BiRefNet`` (its ``model.safetensors`` is
 downloaded with huggingface_hub into its cache: resumable, ``HF_TOKEN`` and ``HF_ENDPOINT``
@@ -19,6 +19,10 @@ ones (BiRefNet_HR, HR-matting, dynamic) with the current one. Nothing in a check
 apart; for an official Hub repo the order comes from the release table
 (``birefnet_jax/convert/releases.py``) unless ``--inref-order`` overrides it, another Hub repo
 needs ``--inref-order``, and a local file defaults to ``current``; see the README.
+
+``--dino-heads`` / ``--dino-out-indices``: a DINOv3 backbone's attention head count and the four
+blocks its features are taken from, which no tensor shape shows. The official presets'
+(``dino_v3_s`` ... ``dino_v3_7b``) are found from the widths; a backbone of other widths needs both.
 """
 
 import argparse
@@ -37,6 +41,16 @@ def count_parameters(tree) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
+def out_indices(text: str) -> tuple:
+  try:
+    values = tuple(int(v) for v in text.split(','))
+  except ValueError:
+    values = ()
+  if len(values) != 4:
+    raise argparse.ArgumentTypeError(f'{text!r} is not four comma-separated ints, e.g. 2,5,8,11')
+  return values
+
+
 @exits_on_user_error
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -53,6 +67,12 @@ def main(argv=None) -> int:
   parser.add_argument('--overwrite', action='store_true',
                       help='replace DST if it is an earlier converter output (model_config.json, '
                            'variables/ and nothing else); no other folder is ever replaced')
+  parser.add_argument('--dino-heads', type=int, default=None,
+                      help="DINOv3 backbone's attention heads (default: the official preset's of "
+                           'the same widths)')
+  parser.add_argument('--dino-out-indices', type=out_indices, default=None,
+                      help="DINOv3 blocks whose outputs feed the decoder, four comma-separated "
+                           "ints (default: the official preset's)")
   args = parser.parse_args(argv)
   src, inref_order, release = args.src, args.inref_order or 'current', None
   hub_name = None if os.path.exists(args.src) else hub.parse_hub_name(args.src)
@@ -70,11 +90,13 @@ def main(argv=None) -> int:
   try:
     cfg, variables, backbone_only, report = convert_file(
         src, args.dst, inref_order=inref_order, overwrite=args.overwrite,
-        backbone_only=args.backbone_only or None)
+        backbone_only=args.backbone_only or None, dino_heads=args.dino_heads,
+        dino_out_indices=args.dino_out_indices)
   except UserError:
     raise   # reported with its hint by exits_on_user_error
   except (CheckpointMismatchError, FileNotFoundError, ValueError) as e:   # what SRC holds
-    print(f'error: {e}', file=sys.stderr)
+    message = str(e)
+    print(f'error: {message if src in message else f"{src}: {message}"}', file=sys.stderr)
     return 1
   bb = cfg.backbone
   params = count_parameters(variables.get('params', {}))

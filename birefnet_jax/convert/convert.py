@@ -152,7 +152,14 @@ def convert_backbone_state_dict(state_dict, *, source: str = 'checkpoint',
 
 
 def config_to_json(cfg: ml_collections.ConfigDict) -> str:
-  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=_json_value)
+
+
+def _json_value(value):
+  """Numpy scalars (a width computed from tensor shapes) as Python numbers, tuples as lists."""
+  if isinstance(value, np.generic):
+    return value.item()
+  return list(value)
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
@@ -287,8 +294,12 @@ def load_converted(directory: str):
 
 
 def convert_file(src: str, dst: str | None = None, *, inref_order: str = 'current',
-                 overwrite: bool = False, backbone_only: bool | None = None):
-  """Reads ``src``, converts (full model or backbone), optionally writes ``dst``."""
+                 overwrite: bool = False, backbone_only: bool | None = None,
+                 dino_heads=None, dino_out_indices=None):
+  """Reads ``src``, converts (full model or backbone), optionally writes ``dst``.
+
+  ``dino_heads`` / ``dino_out_indices``: see ``convert_state_dict`` (full models only).
+  """
   if dst is not None:   # before the (long) reading and converting
     check_destination(dst, overwrite)
   state_dict = read_state_dict(src)
@@ -301,7 +312,8 @@ def convert_file(src: str, dst: str | None = None, *, inref_order: str = 'curren
     cfg = config_lib.model_config('swin_v1_l')
     cfg.backbone = bb_cfg
   else:
-    cfg, variables = convert_state_dict(state_dict, inref_order=inref_order, source=src)
+    cfg, variables = convert_state_dict(state_dict, inref_order=inref_order, source=src,
+                                        dino_heads=dino_heads, dino_out_indices=dino_out_indices)
     report = {'ignored': [], 'missing': []}
   if dst is not None:
     marker = {BACKBONE_MARKER: 'This checkpoint holds only backbone weights (params/bb), for '

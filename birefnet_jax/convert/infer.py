@@ -42,12 +42,14 @@ def infer_dino_v3(state_dict, prefix: str = 'bb.', heads=None, out_indices=None)
   if heads is None:
     if not preset:
       raise ValueError(f'DINOv3 backbone of width {embed_dim}, {depth} blocks, MLP {hidden} '
-                       f'(swiglu {swiglu}) is no official preset: give its head count')
+                       f'(swiglu {swiglu}) is no official preset: give its head count '
+                       '(convert_torch_weights.py --dino-heads N)')
     heads = preset[0][3]
   if out_indices is None:
     if not preset:
       raise ValueError(f'DINOv3 backbone of width {embed_dim}, {depth} blocks is no official '
-                       'preset: give its out_indices')
+                       'preset: give its out_indices '
+                       '(convert_torch_weights.py --dino-out-indices I,J,K,L)')
     out_indices = preset[0][6]
   out_indices = tuple(int(i) for i in out_indices)
   if max(out_indices) + 1 != depth or len(out_indices) != 4:
@@ -124,7 +126,7 @@ def infer_model_config(state_dict, inref_order: str = 'current', pvt_heads=PVT_D
   channels = native * factor
   if neck:
     cfg.pyramid_neck_channels = tuple(
-        int(sd[f'decoder.pyramid_neck_x{i}.conv.weight'].shape[0]) // factor for i in (4, 3, 2, 1))
+        int(sd[f'decoder.pyramid_neck_x{i}.conv.weight'].shape[0] // factor) for i in (4, 3, 2, 1))
 
   cfg.squeeze_blocks = _count(sd, r'squeeze_module\.(\d+)\.')
   if cfg.squeeze_blocks:
