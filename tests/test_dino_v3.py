@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from birefnet_jax.convert import convert
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.birefnet import build_backbone
-from birefnet_jax.models.dino_v3 import DinoV3, EvaViT, rope_tables
+from birefnet_jax.models.dino_v3 import DinoV3, rope_tables
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -118,7 +118,7 @@ def test_presets_are_the_official_ones():
 
 
 def test_size_not_multiple_of_patch_is_an_error():
-  model = DinoV3(EvaViT(embed_dim=8, num_heads=2, mlp_hidden=16, out_indices=(0, 1, 2, 3)))
+  model = DinoV3(embed_dim=8, num_heads=2, mlp_hidden=16, out_indices=(0, 1, 2, 3))
   with pytest.raises(ValueError, match='multiples of 16'):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 40, 32, 3)))
 
@@ -132,12 +132,12 @@ def test_model_config_json_round_trip():
 
 def test_bfloat16_features_are_float32_and_close():
   """bfloat16 compute (the training recipe's dtype): float32 residual stream and outputs."""
-  model = DinoV3(EvaViT(embed_dim=16, num_heads=2, mlp_hidden=32, out_indices=(0, 1, 2, 3)))
+  model = DinoV3(embed_dim=16, num_heads=2, mlp_hidden=32, out_indices=(0, 1, 2, 3))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 48, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x)
   ref = model.apply(variables, x)
-  bf16 = DinoV3(EvaViT(embed_dim=16, num_heads=2, mlp_hidden=32, out_indices=(0, 1, 2, 3),
-                       dtype=jnp.bfloat16)).apply(variables, x)
+  bf16 = DinoV3(embed_dim=16, num_heads=2, mlp_hidden=32, out_indices=(0, 1, 2, 3),
+                dtype=jnp.bfloat16).apply(variables, x)
   for a, b in zip(ref, bf16):
     assert b.dtype == jnp.float32 and b.shape == (1, 2, 3, 16)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,

@@ -92,13 +92,12 @@ def test_swin_backbone_counts_what_xla_counts():
 
 def test_dino_v3_backbone_counts_what_xla_counts():
   """The DINOv3 ViT (no loops): as for Swin, XLA adds only elementwise work."""
-  from birefnet_jax.models.dino_v3 import DinoV3, EvaViT  # pylint: disable=import-outside-toplevel
+  from birefnet_jax.models.dino_v3 import DinoV3  # pylint: disable=import-outside-toplevel
   for swiglu in (False, True):
     bb = config_lib.dino_v3_config(32, 4, 2, 64, swiglu, (0, 1, 2, 3))
     fc = flops.FlopCount()
     flops.dino_v3(fc, 'b', bb, (64, 96))
-    module = DinoV3(EvaViT(bb.embed_dim, bb.num_heads, bb.mlp_hidden, bb.out_indices,
-                           swiglu=swiglu))
+    module = DinoV3(bb.embed_dim, bb.num_heads, bb.mlp_hidden, bb.out_indices, swiglu=swiglu)
     xla = xla_flops(module, jnp.ones((1, 64, 96, 3)))
     assert fc.total < xla < 1.3 * fc.total, (swiglu, xla, fc.total)
 

@@ -23,7 +23,7 @@ import ml_collections
 
 from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
-from birefnet_jax.models.dino_v3 import DinoV3, EvaViT
+from birefnet_jax.models.dino_v3 import DinoV3
 from birefnet_jax.models.gdt import laplacian_gdt_gt
 from birefnet_jax.models.layers import BatchNorm, conv, remat_if
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
@@ -88,12 +88,10 @@ def build_backbone(bb: ml_collections.ConfigDict, dtype, name='bb', remat: bool 
     if attention != 'einsum':
       raise ValueError(f"model.attention={attention!r} applies to Swin's window attention only; "
                        "DINOv3 backbones take 'einsum'")
-    return DinoV3(EvaViT(embed_dim=bb.embed_dim, num_heads=bb.num_heads, mlp_hidden=bb.mlp_hidden,
-                         out_indices=tuple(bb.out_indices), swiglu=bb.swiglu,
-                         num_reg_tokens=bb.num_reg_tokens, rope_temperature=bb.rope_temperature,
-                         dtype=dtype, remat=remat, remat_policy=remat_policy,
-                         parent=None),   # unbound: DinoV3 adopts it as 'model'
-                  name=name)
+    return DinoV3(embed_dim=bb.embed_dim, num_heads=bb.num_heads, mlp_hidden=bb.mlp_hidden,
+                  out_indices=tuple(bb.out_indices), swiglu=bb.swiglu,
+                  num_reg_tokens=bb.num_reg_tokens, rope_temperature=bb.rope_temperature,
+                  dtype=dtype, remat=remat, remat_policy=remat_policy, name=name)
   raise ValueError(f'unknown backbone family {bb.family!r} (expected swin, pvt_v2 or dino_v3)')
 
 

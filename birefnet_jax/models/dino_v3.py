@@ -187,14 +187,23 @@ class EvaViT(nn.Module):
 
 
 class DinoV3(nn.Module):
-  """``timm.create_model(..., features_only=True)``: the four NHWC stride-16 features (x1..x4) of
-  ``model``, a pruned ``EvaViT`` whose parameters sit under ``model`` as in the official state
-  dict (``bb.model.*``). Built as ``DinoV3(EvaViT(embed_dim=..., ...))``; inside another
-  module's compact method give the ViT ``parent=None``, or that module adopts it first (as
-  ``EvaViT_0``) instead of this one as ``model``."""
-  model: EvaViT
+  """``timm.create_model(..., features_only=True)``: the four NHWC stride-16 features (x1..x4)."""
+  embed_dim: int
+  num_heads: int
+  mlp_hidden: int
+  out_indices: Sequence[int]
+  swiglu: bool = False
+  num_reg_tokens: int = 4
+  rope_temperature: float = 100.0
+  dtype: Any = None
+  remat: bool = False
+  remat_policy: str = ''
 
   @nn.compact
   def __call__(self, images, deterministic: bool = True):
     del deterministic  # no dropout or stochastic depth in the official DINOv3 backbones
-    return tuple(self.model(images))
+    return tuple(EvaViT(self.embed_dim, self.num_heads, self.mlp_hidden, tuple(self.out_indices),
+                        swiglu=self.swiglu, num_reg_tokens=self.num_reg_tokens,
+                        rope_temperature=self.rope_temperature, dtype=self.dtype,
+                        remat=self.remat, remat_policy=self.remat_policy,
+                        name='model')(images))
