@@ -4,7 +4,7 @@ r"""Serializes the inference function with its weights: StableHLO via ``jax.expo
       [--resolution 1024x1024] [--batch_size 1|dynamic] [--dtype float32|bfloat16|float16] \
       [--platforms cpu,cuda] [--overwrite]
   python -m birefnet_jax.export --format onnx --checkpoint DST --output model.onnx \
-      [--resolution 1024x1024] [--batch_size 1] [--opset 23] [--overwrite]
+      [--resolution 1024x1024] [--batch_size 1|dynamic] [--opset 23] [--overwrite]
 
 ``--format onnx`` (the default for an ``--output`` ending in ``.onnx``) writes the official
 BiRefNet ONNX convention instead (``birefnet_jax.onnx_export``): input ``input_image`` float32
@@ -113,9 +113,6 @@ def parse_args(argv):
       parser.error('--format onnx exports float32 only')
     if args.platforms:
       parser.error('--platforms applies to --format jaxexport only')
-    if args.batch is None:
-      parser.error('--format onnx needs a fixed --batch_size for now (a symbolic batch through '
-                   'jax2onnx is not tested yet); export one file per batch size')
   return args
 
 

@@ -1,7 +1,8 @@
 """ONNX export: the file follows the official BiRefNet ONNX convention and onnxruntime computes
-the same logits as the JAX model (float32, within 1e-4), on a converted fixture model and on a
-tiny model at 1024x1024."""
+the same logits as the JAX model (float32, within 1e-4), on a converted fixture model (dynamic
+batch) and on a tiny model (fixed batch; at 1024x1024 opt-in)."""
 
+import logging
 import os
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 ort = pytest.importorskip('onnxruntime')
-pytest.importorskip('jax2onnx')
+jax2onnx = pytest.importorskip('jax2onnx')
 
 from birefnet_jax import export, load_converted, onnx_export  # pylint: disable=wrong-import-position
 from birefnet_jax.convert import convert_file  # pylint: disable=wrong-import-position
@@ -62,31 +63,105 @@ def test_loop_free_trace_equals_the_op(max_sample_bytes):
   np.testing.assert_allclose(np.asarray(straight), np.asarray(reference), rtol=1e-6, atol=1e-6)
 
 
-def test_fixture_model_exports_and_onnxruntime_matches_jax(tmp_path):
+def test_fixture_model_exports_with_a_dynamic_batch_and_onnxruntime_matches_jax(tmp_path):
   """The command line on a converted fixture (Swin, BatchNorm, deformable ASPP, InRef):
-  --format onnx, batch 2, 64x64; onnxruntime's logits equal model.apply's."""
+  --format onnx --batch_size dynamic, 64x64; one file runs batches of 2 and 1, and
+  onnxruntime's logits equal model.apply's."""
   dst = tmp_path / 'converted'
   convert_file(str(reference.path('swin_w12_tiny.safetensors')), str(dst))
   output = tmp_path / 'birefnet.onnx'
   assert export.main(['--format', 'onnx', '--checkpoint', str(dst), '--output', str(output),
-                      '--resolution', '64x64', '--batch_size', '2']) == 0
+                      '--resolution', '64x64', '--batch_size', 'dynamic']) == 0
   model, variables = load_converted(str(dst))
-  x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
-  session, got = run_onnx(output, x)
-  assert session.get_inputs()[0].shape == [2, 3, 64, 64]
-  assert got.shape == (2, 1, 64, 64) and got.dtype == np.float32
-  want = jax_logits_nchw(model, variables, x)
-  np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+  session = None
+  for batch in (2, 1):
+    x = np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)
+    session, got = run_onnx(output, x)
+    assert got.shape == (batch, 1, 64, 64) and got.dtype == np.float32
+    want = jax_logits_nchw(model, variables, x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+  assert session.get_inputs()[0].shape == ['B', 3, 64, 64]
+  assert session.get_outputs()[0].shape == ['B', 1, 64, 64]
+
+
+def tiny_model_and_variables():
+  """A tiny BiRefNet (the quickstart's reduced model, random weights)."""
+  cfg = tiny_model.quickstart_config().model
+  model = BiRefNet(cfg)
+  variables = names.nest({k: jnp.asarray(v) for k, v in
+                          tiny_model.random_variables(cfg, seed=3).items()})
+  return model, variables
+
+
+def test_tiny_model_exports_with_a_fixed_batch(tmp_path):
+  """The default export (what rembg loads): batch 1 fixed in the file."""
+  model, variables = tiny_model_and_variables()
+  proto = onnx_export.export_onnx(model, variables, height=64, width=96, batch_size=1)
+  path = tmp_path / 'tiny.onnx'
+  path.write_bytes(onnx_export.serialize(proto))
+  x = np.random.default_rng(4).normal(size=(1, 3, 64, 96)).astype(np.float32)
+  session, got = run_onnx(path, x)
+  assert session.get_inputs()[0].shape == [1, 3, 64, 96]
+  np.testing.assert_allclose(got, jax_logits_nchw(model, variables, x), rtol=0, atol=TOLERANCE)
+
+
+def test_linear_time_output_binding_patches_jax2onnx_and_changes_no_graph():
+  """The jax2onnx function the patch replaces exists in the tested jax2onnx (else the export is
+  quadratic again, silently), is replaced only inside the context, and a graph exported with
+  the patch is the one exported without it."""
+  from jax2onnx.converter import output_binding  # pylint: disable=g-import-not-at-top
+  original = output_binding._value_is_graph_connected  # pylint: disable=protected-access
+  with onnx_export.linear_time_output_binding():
+    assert output_binding._value_is_graph_connected is not original  # pylint: disable=protected-access
+  assert output_binding._value_is_graph_connected is original  # pylint: disable=protected-access
+
+  kernel = np.random.default_rng(5).normal(size=(3, 3, 3, 4)).astype(np.float32)
+
+  def f(x):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                     dimension_numbers=('NCHW', 'HWIO', 'NCHW'))
+    y = jax.nn.relu(y).reshape(y.shape[0], 4, -1)
+    return jnp.einsum('bcn,bdn->bcd', y, y) + y.mean()
+
+  def graph(patched):
+    context = onnx_export.linear_time_output_binding() if patched else onnx_export.quiet_converter()
+    with context:
+      proto = jax2onnx.to_onnx(f, inputs=[(2, 3, 8, 8)], opset=onnx_export.DEFAULT_OPSET)
+    nodes = [(n.op_type, list(n.input), list(n.output)) for n in proto.graph.node]
+    return nodes, proto
+
+  plain, _ = graph(False)
+  patched, proto = graph(True)
+  assert len(plain) > 5 and plain == patched
+  x = np.random.default_rng(6).normal(size=(2, 3, 8, 8)).astype(np.float32)
+  got = ort.InferenceSession(proto.SerializeToString(), providers=['CPUExecutionProvider']).run(
+      None, {proto.graph.input[0].name: x})[0]
+  np.testing.assert_allclose(got, np.asarray(f(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_quiet_converter_drops_the_plugin_import_warnings_only():
+  """jax2onnx logs a traceback per example plugin whose library is missing: hidden; its
+  errors are not."""
+  log = logging.getLogger('jax2onnx.plugins.plugin_system')
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  log.addHandler(handler)
+  try:
+    with onnx_export.quiet_converter():
+      log.warning('Skipping import of jax2onnx.plugins.examples.eqx.dino')
+      log.error('a real failure')
+    log.warning('after the export')
+  finally:
+    log.removeHandler(handler)
+  assert [r.getMessage() for r in records] == ['a real failure', 'after the export']
 
 
 @pytest.mark.skipif(not os.environ.get('BIREFNET_ONNX_1024'),
                     reason='a second jax2onnx conversion (minutes of CPU); set BIREFNET_ONNX_1024=1')
 def test_tiny_model_at_1024(tmp_path):
   """A tiny BiRefNet (the quickstart's reduced model, random weights) at the default 1024x1024."""
-  cfg = tiny_model.quickstart_config().model
-  model = BiRefNet(cfg)
-  variables = names.nest({k: jnp.asarray(v) for k, v in
-                          tiny_model.random_variables(cfg, seed=3).items()})
+  model, variables = tiny_model_and_variables()
   proto = onnx_export.export_onnx(model, variables, height=1024, width=1024, batch_size=1)
   path = tmp_path / 'tiny.onnx'
   path.write_bytes(onnx_export.serialize(proto))

@@ -233,7 +233,8 @@ def _row_inputs(geo: _Geometry, offset, mask):
   shape = (geo.batch, geo.out_h, geo.out_w)
   origin_y = jnp.broadcast_to(origin_y[None, :, None], shape).reshape(rows).astype(cdt)
   origin_x = jnp.broadcast_to(origin_x[None, None, :], shape).reshape(rows).astype(cdt)
-  image = jnp.broadcast_to(jnp.arange(geo.batch)[:, None, None], shape).reshape(rows)
+  image = jax.lax.broadcasted_iota(jnp.int32, shape, 0).reshape(rows)   # iota, not arange: a
+  # symbolic batch (jax.export, jax2onnx's dynamic B) stays a shape, never a value
   extra = 0 if geo.num_tiles == 1 else geo.num_tiles * geo.tile_rows - rows
   per_row = (offset[..., 0], offset[..., 1], mask, origin_y, origin_x, image)
   if extra:   # pad rows: mask 0, so they contribute nothing and receive zero gradients
