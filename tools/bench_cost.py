@@ -52,6 +52,7 @@ from birefnet_jax.models.birefnet import BiRefNet
 from birefnet_jax.train_state import TrainState
 
 from bench_model import FAST_COMPILE_OPTIONS, SMALL_PRESETS, make_model_config, parse_size
+import hlo_bytes
 
 MODES = ('infer', 'train')
 
@@ -99,8 +100,16 @@ def xla_costs(compiled):
   return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
 
 
-def measure(cfg, mode, size, batch, fast=True, as_predictor=False):
-  """One row of per-image figures for ``mode`` of the model ``cfg`` at ``size`` = (H, W)."""
+def window_tokens(cfg) -> int:
+  """Tokens per attention window of a Swin backbone (0 for other backbones)."""
+  backbone = cfg.get('backbone') or {}
+  size = backbone.get('window_size') if hasattr(backbone, 'get') else None
+  return int(size) ** 2 if size else 0
+
+
+def measure(cfg, mode, size, batch, fast=True, as_predictor=False, split_bytes=False):
+  """One row of per-image figures for ``mode`` of the model ``cfg`` at ``size`` = (H, W);
+  ``split_bytes``: also the bytes by kind (``hlo_bytes.breakdown``), GB per image."""
   model = BiRefNet(cfg)
   images = jax.ShapeDtypeStruct((batch,) + tuple(size) + (3,), jnp.float32)
   start = time.perf_counter()
@@ -114,12 +123,26 @@ def measure(cfg, mode, size, batch, fast=True, as_predictor=False):
   kinds = counted.by_kind()
   factor = 3 if train_mode else 1
   deform = factor * (kinds.get('deform_sampling', 0) + kinds.get('deform_matmul', 0))
-  return dict(mode=mode, size=f'{size[0]}x{size[1]}', batch=batch, dtype=cfg.dtype,
-              attention=cfg.attention, compile_s=compile_s,
-              xla_gflop=flops / batch / 1e9, xla_gb=nbytes / batch / 1e9,
-              analytic_gflop=factor * counted.total / 1e9,
-              analytic_dense_gflop=factor * kinds.get('dense', 0) / 1e9,
-              analytic_deform_gflop=deform / 1e9)
+  row = dict(mode=mode, size=f'{size[0]}x{size[1]}', batch=batch, dtype=cfg.dtype,
+             attention=cfg.attention, compile_s=compile_s,
+             xla_gflop=flops / batch / 1e9, xla_gb=nbytes / batch / 1e9,
+             analytic_gflop=factor * counted.total / 1e9,
+             analytic_dense_gflop=factor * kinds.get('dense', 0) / 1e9,
+             analytic_deform_gflop=deform / 1e9)
+  if split_bytes:
+    split = hlo_bytes.breakdown(compiled.as_text(), window_tokens(cfg))
+    row['bytes_by_kind_gb'] = {kind: split[kind] / batch / 1e9
+                               for kind in hlo_bytes.KINDS + ('total',)}
+  return row
+
+
+def format_breakdown(row):
+  split = row['bytes_by_kind_gb']
+  lines = [f"  bytes by kind ({row['mode']}; recomputed total {split['total']:.2f} GB, XLA's "
+           f"{row['xla_gb']:.2f} GB):"]
+  lines += [f'    {split[kind]:8.2f} GB  {100 * split[kind] / split["total"]:5.1f} %  {kind}'
+            for kind in hlo_bytes.KINDS]
+  return '\n'.join(lines)
 
 
 COLUMNS = (('mode', '{}'), ('size', '{}'), ('batch', '{}'), ('dtype', '{}'), ('attention', '{}'),
@@ -160,6 +183,10 @@ def build_parser():
   p.add_argument('--predictor_variables', action='store_true',
                  help='infer with the variables the predictor keeps (BatchNorms folded, kernels '
                  'cast to the compute dtype once) instead of float32 training variables')
+  p.add_argument('--breakdown', action='store_true',
+                 help="also split the bytes accessed by kind (tools/hlo_bytes.py): attention "
+                 "logits, the converts feeding dots/convs (on a CPU: bf16 operands made f32 for "
+                 "its f32 kernels), other converts, dots/convs, everything else")
   return p
 
 
@@ -181,11 +208,14 @@ def main(argv=None):
   rows = []
   for mode in modes:
     row = measure(cfg, mode, train_size if mode == 'train' else size, args.batch,
-                  fast=not args.full_compile, as_predictor=args.predictor_variables)
+                  fast=not args.full_compile, as_predictor=args.predictor_variables,
+                  split_bytes=args.breakdown)
     row.update(preset=args.preset, deform_tile_bytes=args.deform_tile_bytes or None,
                predictor_variables=args.predictor_variables)
     rows.append(row)
     print(format_rows([row]), flush=True)
+    if args.breakdown:
+      print(format_breakdown(row), flush=True)
     if args.json:
       with open(args.json, 'a', encoding='utf-8') as f:
         f.write(json.dumps(row) + '\n')
