@@ -19,7 +19,6 @@ Output: one ``.npz`` (see ``tests/data/README.md``). NaN is the official value w
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import platform
@@ -28,17 +27,12 @@ import sys
 import cv2
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_eval import official_module  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / '..' / 'shared' / 'reference' / 'metrics'
 OUT = ROOT / 'tests' / 'data' / 'boundary_metrics_golden.npz'
-
-
-def load_official(repo):
-  path = pathlib.Path(repo) / 'evaluation' / 'metrics.py'
-  spec = importlib.util.spec_from_file_location('birefnet_official_metrics', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _soft(mask, rng, blur, shift=(0.0, 0.0), noise=0.0, noise_blur=0.0):
@@ -149,7 +143,7 @@ def main(argv=None):
   parser.add_argument('--fixture_dir', default=str(FIXTURE))
   parser.add_argument('--out', default=str(OUT))
   args = parser.parse_args(argv)
-  module = load_official(args.birefnet_repo)
+  module = official_module(args.birefnet_repo)
   fixture = pathlib.Path(args.fixture_dir)
   expected = json.loads((fixture / 'expected.json').read_text())
   names = [p['name'] for p in expected['pairs']]
