@@ -105,15 +105,24 @@ def test_tiny_model_exports_with_a_fixed_batch(tmp_path):
   np.testing.assert_allclose(got, jax_logits_nchw(model, variables, x), rtol=0, atol=TOLERANCE)
 
 
-def test_linear_time_output_binding_patches_jax2onnx_and_changes_no_graph():
-  """The jax2onnx function the patch replaces exists in the tested jax2onnx (else the export is
-  quadratic again, silently), is replaced only inside the context, and a graph exported with
-  the patch is the one exported without it."""
-  from jax2onnx.converter import output_binding  # pylint: disable=g-import-not-at-top
-  original = output_binding._value_is_graph_connected  # pylint: disable=protected-access
-  with onnx_export.linear_time_output_binding():
-    assert output_binding._value_is_graph_connected is not original  # pylint: disable=protected-access
-  assert output_binding._value_is_graph_connected is original  # pylint: disable=protected-access
+def test_fast_graph_lookups_patches_jax2onnx_and_changes_no_graph():
+  """The jax2onnx functions the patch replaces exist in the tested jax2onnx (else the export is
+  quadratic again, silently), are replaced only inside the context, and a graph exported with
+  the patch is the one exported without it (the optimizer's reshape and transpose passes
+  included: the function reshapes and transposes)."""
+  # pylint: disable=protected-access,g-import-not-at-top
+  from jax2onnx.converter import ir_optimizations, optimizer_graph_utils, output_binding
+  patched_names = [(output_binding, '_value_is_graph_connected'),
+                   (optimizer_graph_utils, '_producer_node'),
+                   (optimizer_graph_utils, '_consumer_nodes'),
+                   (ir_optimizations, '_producer_node'), (ir_optimizations, '_consumer_nodes')]
+  originals = [getattr(module, name) for module, name in patched_names]
+  with onnx_export.fast_graph_lookups():
+    for (module, name), original in zip(patched_names, originals):
+      assert getattr(module, name) is not original, name
+  for (module, name), original in zip(patched_names, originals):
+    assert getattr(module, name) is original, name
+  # pylint: enable=protected-access,g-import-not-at-top
 
   kernel = np.random.default_rng(5).normal(size=(3, 3, 3, 4)).astype(np.float32)
 
@@ -124,7 +133,7 @@ def test_linear_time_output_binding_patches_jax2onnx_and_changes_no_graph():
     return jnp.einsum('bcn,bdn->bcd', y, y) + y.mean()
 
   def graph(patched):
-    context = onnx_export.linear_time_output_binding() if patched else onnx_export.quiet_converter()
+    context = onnx_export.fast_graph_lookups() if patched else onnx_export.quiet_converter()
     with context:
       proto = jax2onnx.to_onnx(f, inputs=[(2, 3, 8, 8)], opset=onnx_export.DEFAULT_OPSET)
     nodes = [(n.op_type, list(n.input), list(n.output)) for n in proto.graph.node]
@@ -139,10 +148,12 @@ def test_linear_time_output_binding_patches_jax2onnx_and_changes_no_graph():
   np.testing.assert_allclose(got, np.asarray(f(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_quiet_converter_drops_the_plugin_import_warnings_only():
-  """jax2onnx logs a traceback per example plugin whose library is missing: hidden; its
-  errors are not."""
-  log = logging.getLogger('jax2onnx.plugins.plugin_system')
+@pytest.mark.parametrize('logger', ['jax2onnx.plugins.plugin_system', 'onnx_ir.serde'])
+def test_quiet_converter_drops_warnings_only(logger):
+  """jax2onnx logs a traceback per example plugin whose library is missing, onnx_ir a line per
+  shape value it leaves untyped: hidden during the export; errors are not, nor anything after."""
+  assert logger in onnx_export.QUIET_LOGGERS
+  log = logging.getLogger(logger)
   records = []
   handler = logging.Handler()
   handler.emit = records.append
