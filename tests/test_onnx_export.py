@@ -1,9 +1,8 @@
 """ONNX export: the file follows the official BiRefNet ONNX convention and onnxruntime computes
 the same logits as the JAX model (float32, within 1e-4), on a converted fixture model (dynamic
-batch) and on a tiny model (fixed batch; at 1024x1024 opt-in)."""
+batch) and on a tiny model at 1024x1024 (fixed batch)."""
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -93,18 +92,6 @@ def tiny_model_and_variables():
   return model, variables
 
 
-def test_tiny_model_exports_with_a_fixed_batch(tmp_path):
-  """The default export (what rembg loads): batch 1 fixed in the file."""
-  model, variables = tiny_model_and_variables()
-  proto = onnx_export.export_onnx(model, variables, height=64, width=96, batch_size=1)
-  path = tmp_path / 'tiny.onnx'
-  path.write_bytes(onnx_export.serialize(proto))
-  x = np.random.default_rng(4).normal(size=(1, 3, 64, 96)).astype(np.float32)
-  session, got = run_onnx(path, x)
-  assert session.get_inputs()[0].shape == [1, 3, 64, 96]
-  np.testing.assert_allclose(got, jax_logits_nchw(model, variables, x), rtol=0, atol=TOLERANCE)
-
-
 def test_fast_graph_lookups_patches_jax2onnx_and_changes_no_graph():
   """The jax2onnx functions the patch replaces exist in the tested jax2onnx (else the export is
   quadratic again, silently), are replaced only inside the context, and a graph exported with
@@ -168,16 +155,16 @@ def test_quiet_converter_drops_warnings_only(logger):
   assert [r.getMessage() for r in records] == ['a real failure', 'after the export']
 
 
-@pytest.mark.skipif(not os.environ.get('BIREFNET_ONNX_1024'),
-                    reason='a second jax2onnx conversion (minutes of CPU); set BIREFNET_ONNX_1024=1')
-def test_tiny_model_at_1024(tmp_path):
-  """A tiny BiRefNet (the quickstart's reduced model, random weights) at the default 1024x1024."""
+def test_tiny_model_at_1024_with_a_fixed_batch(tmp_path):
+  """A tiny BiRefNet (the quickstart's reduced model, random weights) at the default 1024x1024,
+  batch 1 fixed in the file: what rembg loads."""
   model, variables = tiny_model_and_variables()
   proto = onnx_export.export_onnx(model, variables, height=1024, width=1024, batch_size=1)
   path = tmp_path / 'tiny.onnx'
   path.write_bytes(onnx_export.serialize(proto))
   x = np.random.default_rng(2).normal(size=(1, 3, 1024, 1024)).astype(np.float32)
-  _, got = run_onnx(path, x)
+  session, got = run_onnx(path, x)
+  assert session.get_inputs()[0].shape == [1, 3, 1024, 1024]
   want = jax_logits_nchw(model, variables, x)
   assert got.shape == (1, 1, 1024, 1024)
   np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
