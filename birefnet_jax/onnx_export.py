@@ -88,12 +88,11 @@ def fast_graph_lookups():
   full_scan = getattr(output_binding, '_value_is_graph_connected', None)
   if full_scan is not None:
     def connected(ctx, value):
-      producer = getattr(value, 'producer', None)
-      node = producer() if callable(producer) else None
-      if node is not None and getattr(node, 'graph', None) is ctx.builder.nodes:
+      node = value.producer() if isinstance(value, ir.Value) else None
+      if isinstance(node, ir.Node) and node.graph is ctx.builder.nodes:
         return True
       return full_scan(ctx, value)
-    patches.append((output_binding, '_value_is_graph_connected', full_scan, connected))
+    patches += _patch_everywhere('_value_is_graph_connected', full_scan, connected)
 
   producer_node = getattr(optimizer_graph_utils, '_producer_node', None)
   if producer_node is not None:

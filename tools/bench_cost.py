@@ -102,8 +102,7 @@ def xla_costs(compiled):
 
 def window_tokens(cfg) -> int:
   """Tokens per attention window of a Swin backbone (0 for other backbones)."""
-  backbone = cfg.get('backbone') or {}
-  size = backbone.get('window_size') if hasattr(backbone, 'get') else None
+  size = cfg.backbone.get('window_size')
   return int(size) ** 2 if size else 0
 
 
