@@ -11,6 +11,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from birefnet_jax.convert.names import nest, torch_to_flax
+from birefnet_jax.models import swin
 from birefnet_jax.models.swin import DropPath, SwinTransformer, relative_position_index
 
 import reference
@@ -152,3 +153,24 @@ def test_bfloat16_compute_stays_close():
     assert out.dtype == jnp.float32  # the residual stream and output norms stay float32
     ref = nhwc(io[f'eval_bb_x{i}'])
     assert np.abs(np.asarray(out) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize('h,w', [(8, 13), (3, 12), (1, 1), (12, 6), (20, 17)])
+@pytest.mark.parametrize('shifted', [False, True])
+def test_pad_and_roll_in_one_pass_equals_pad_then_roll(h, w, shifted):
+  """The window padding (with a per-channel fill) and the cyclic shift as one concatenation of
+  slices per axis, and its inverse, against numpy's pad and roll; shifts that reach into the
+  padding (h, w < shift) included."""
+  win = 12
+  shift = win // 2 if shifted else 0
+  rng = np.random.default_rng(h * 100 + w)
+  x = rng.normal(size=(2, h, w, 5)).astype(np.float32)
+  fill = rng.normal(size=(5,)).astype(np.float32)
+  pad_b, pad_r = (-h) % win, (-w) % win
+  padded = np.concatenate([x, np.broadcast_to(fill, (2, h, pad_r, 5))], axis=2)
+  padded = np.concatenate([padded, np.broadcast_to(fill, (2, pad_b, w + pad_r, 5))], axis=1)
+  want = np.roll(padded, (-shift, -shift), axis=(1, 2))
+  got = swin._pad_and_roll(jnp.asarray(x), pad_b, pad_r, shift, jnp.asarray(fill))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  back = swin._unroll_and_crop(jnp.asarray(want), h, w, shift)
+  np.testing.assert_array_equal(np.asarray(back), x)

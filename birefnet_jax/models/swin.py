@@ -88,14 +88,38 @@ def window_reverse(windows, window_size: int, padded_h: int, padded_w: int):
 ATTENTION_IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn')
 
 
-def _pad_with(x, pad_b: int, pad_r: int, value):
-  """Pads (B, H, W, C) ``x`` at the bottom/right with the per-channel ``value`` (C,)."""
+def _pad_and_roll(x, pad_b: int, pad_r: int, shift: int, value):
+  """``jnp.roll(pad(x), (-shift, -shift), (1, 2))`` for (B, H, W, C) ``x`` padded at the
+  bottom/right with the per-channel ``value`` (C,), built as one nested concatenation of slices
+  of ``x`` (row bands, each a concatenation of column pieces), which XLA fuses into one pass,
+  instead of a pad and two rolls (three passes)."""
   b, h, w, c = x.shape
-  if pad_r:
-    x = jnp.concatenate([x, jnp.broadcast_to(value, (b, h, pad_r, c))], axis=2)
-  if pad_b:
-    x = jnp.concatenate([x, jnp.broadcast_to(value, (b, pad_b, w + pad_r, c))], axis=1)
-  return x
+  fill = lambda rows, cols: jnp.broadcast_to(value, (b, rows, cols, c))
+  if shift >= h or shift >= w:   # the shift reaches into the padding: the general form
+    padded = jnp.concatenate([jnp.concatenate([x, fill(h, pad_r)], axis=2),
+                              fill(pad_b, w + pad_r)], axis=1)
+    return jnp.roll(padded, (-shift, -shift), axis=(1, 2))
+
+  def joined(pieces, axis):
+    pieces = [p for p in pieces if p.shape[axis]]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
+
+  def band(rows):   # the same column shift and padding for every row band
+    return joined([rows[:, :, shift:], fill(rows.shape[1], pad_r), rows[:, :, :shift]], 2)
+
+  return joined([band(x[:, shift:]), fill(pad_b, w + pad_r), band(x[:, :shift])], 1)
+
+
+def _unroll_and_crop(x, h: int, w: int, shift: int):
+  """``jnp.roll(x, (shift, shift), (1, 2))[:, :h, :w]`` for the padded (B, Hp, Wp, C) ``x``, as
+  one nested concatenation of slices: the inverse of :func:`_pad_and_roll`."""
+  _, hp, wp, _ = x.shape
+  if not shift:
+    return x[:, :h, :w]
+  if shift >= h or shift >= w:
+    return jnp.roll(x, (shift, shift), axis=(1, 2))[:, :h, :w]
+  band = lambda rows: jnp.concatenate([rows[:, :, wp - shift:], rows[:, :, :w - shift]], axis=2)
+  return jnp.concatenate([band(x[:, hp - shift:]), band(x[:, :h - shift])], axis=1)
 
 
 def _partition_heads(qkv, window_size: int, heads: int):
@@ -163,10 +187,9 @@ class WindowAttention(nn.Module):
     qkv = qkv_layer(x)                                    # real tokens only
     pad_b, pad_r = (-h) % w, (-w_) % w
     hp, wp = h + pad_b, w_ + pad_r
-    if pad_b or pad_r:   # padded tokens: qkv(0) = the bias, exactly
-      qkv = _pad_with(qkv, pad_b, pad_r, qkv_layer.variables['params']['bias'].astype(qkv.dtype))
-    if shift:
-      qkv = jnp.roll(qkv, (-shift, -shift), axis=(1, 2))
+    # padded tokens: qkv(0) = the bias, exactly; then the cyclic shift, in the same pass
+    qkv = _pad_and_roll(qkv, pad_b, pad_r, shift,
+                        qkv_layer.variables['params']['bias'].astype(qkv.dtype))
     q, k, v = _partition_heads(qkv, w, heads)             # (B, nW, heads, N, hd)
     b, nw = q.shape[:2]
     index = relative_position_index(w).reshape(-1)
@@ -184,7 +207,10 @@ class WindowAttention(nn.Module):
       logits = jnp.einsum('bwhqd,bwhkd->bwhqk', q, k, preferred_element_type=q.dtype)
       logits = logits.astype(softmax_dtype) + bias.astype(softmax_dtype)
       if different is not None:  # shared by all images and heads
-        logits = jnp.where(different, jnp.asarray(-jnp.inf, softmax_dtype), logits)
+        # Added as 0 / -inf (exactly the masked where) rather than selected: XLA then fuses the
+        # label comparison into the softmax's pass over the logits, with no pass of its own.
+        logits = logits + jnp.where(different, jnp.asarray(-jnp.inf, softmax_dtype),
+                                    jnp.asarray(0, softmax_dtype))
       probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       out = jnp.einsum('bwhqk,bwhkd->bwhqd', probs, v)
     else:
@@ -201,9 +227,7 @@ class WindowAttention(nn.Module):
                                          implementation=self.attention)
       out = out.reshape(b, nw, n, heads, head_dim).transpose(0, 1, 3, 2, 4)
     out = _merge_heads(out, w, hp, wp)
-    if shift:
-      out = jnp.roll(out, (shift, shift), axis=(1, 2))
-    out = out[:, :h, :w_, :]                              # crop before proj
+    out = _unroll_and_crop(out, h, w_, shift)             # crop before proj
     return nn.Dense(self.dim, dtype=self.dtype, name='proj')(out)
 
 
@@ -265,8 +289,10 @@ class PatchMerging(nn.Module):
     _, h, w, _ = x.shape
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
-                        axis=-1)
+    # [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]] on channels, as one transpose
+    b, hp, wp, c = x.shape
+    x = x.reshape(b, hp // 2, 2, wp // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
+    x = x.reshape(b, hp // 2, wp // 2, 4 * c)
     x = layer_norm(name='norm')(x)
     return nn.Dense(2 * self.dim, use_bias=False, dtype=self.dtype, name='reduction')(x)
 
