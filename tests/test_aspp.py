@@ -1,5 +1,5 @@
-"""ASPPDeformable's call-time rewrite: conv1 with the pooled branch as a per-image bias, against
-the plain formulation; parameter tree unchanged."""
+"""ASPPDeformable's call-time rewrite: conv1 as one matmul per branch with the pooled branch as
+a per-image bias, against the plain formulation; parameter tree unchanged."""
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +11,14 @@ from birefnet_jax.models.aspp import ASPPDeformable, PooledBiasConv1x1
 def test_pooled_bias_equals_conv_of_broadcast_concatenation():
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
-    branches = jnp.asarray(rng.normal(size=(2, 5, 4, 12)))
+    branches = [jnp.asarray(rng.normal(size=(2, 5, 4, c))) for c in (4, 3, 5)]   # 12 channels
     pooled = jnp.asarray(rng.normal(size=(2, 1, 1, 3)))
     module = PooledBiasConv1x1(7)
     params = module.init(jax.random.key(0), branches, pooled)['params']
     assert params['kernel'].shape == (1, 1, 15, 7)
     kernel = jnp.asarray(rng.normal(size=(1, 1, 15, 7)))
     got = module.apply({'params': {'kernel': kernel}}, branches, pooled)
-    concatenated = jnp.concatenate([branches, jnp.broadcast_to(pooled, (2, 5, 4, 3))], axis=-1)
+    concatenated = jnp.concatenate(branches + [jnp.broadcast_to(pooled, (2, 5, 4, 3))], axis=-1)
     want = jnp.einsum('bhwc,co->bhwo', concatenated, kernel[0, 0],
                       precision=jax.lax.Precision.HIGHEST)
     assert got.dtype == jnp.float64

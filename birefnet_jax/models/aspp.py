@@ -9,9 +9,9 @@ Each branch has ``planes`` channels (official 256); ``conv1`` maps the 5 * plane
 ``in_channels`` -> ``bn1`` -> ReLU -> Dropout(0.5). No dilation anywhere despite the "atrous" names.
 
 The pooled branch is constant over H x W, so its share of ``conv1`` is a per-image bias: ``conv1``'s
-kernel is split at call time into the rows of the four deformable branches (a 1x1 conv of their
-4 * planes channels) and the rows of the pooled branch (a matmul of the pooled vector), which
-never builds the broadcast (B, H, W, planes) map nor the 5 * planes concatenation. Parameter
+kernel is split at call time into the rows of each deformable branch (one 1x1 conv of its
+planes channels each, summed) and the rows of the pooled branch (a matmul of the pooled vector),
+which never builds the broadcast (B, H, W, planes) map nor the 5 * planes concatenation. Parameter
 names and shapes are unchanged (``conv1.kernel`` is (1, 1, 5 * planes, in_channels)).
 
 ``batch_norm=False`` mirrors the official ``nn.Identity`` that replaces every BatchNorm when the
@@ -78,31 +78,32 @@ class ASPPDeformable(nn.Module):
     pooled = nn.relu(pooled)
 
     y = PooledBiasConv1x1(self.in_channels, dtype=self.dtype, name='conv1')(
-        jnp.concatenate(outs, axis=-1), pooled.astype(outs[0].dtype))
+        outs, pooled.astype(outs[0].dtype))
     y = batch_norm_or_identity(self.batch_norm, self.dtype, 'bn1')(y, train)
     y = nn.relu(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic or not train)
 
 
 class PooledBiasConv1x1(nn.Module):
-  """The official ``conv1`` (1x1, no bias) on ``concat([branches, broadcast(pooled)])``, computed
-  as ``branches @ kernel[:n] + pooled @ kernel[n:]`` with n = branches' channels: the second term
-  is one vector per image, added as a bias. Sums accumulate in at least float32 and the result
-  is cast to the compute dtype once. ``kernel`` is (1, 1, n + pooled channels, features), as
-  ``nn.Conv`` names and initializes it."""
+  """The official ``conv1`` (1x1, no bias) on ``concat(branches + [broadcast(pooled)])``,
+  computed as ``sum_i branches[i] @ kernel[rows_i] + pooled @ kernel[rows of pooled]``: one
+  matmul per branch (``layers.conv_of_concatenation``: the (B, H, W, 4 * planes) concatenation is
+  never built, and ``conv1`` narrows it to ``in_channels``) and one per-image vector, added as a
+  bias. Sums accumulate in at least float32 and the result is cast to the compute dtype once.
+  ``kernel`` is (1, 1, branch channels + pooled channels, features), as ``nn.Conv`` names and
+  initializes it."""
   features: int
   dtype: Any = None
 
   @nn.compact
   def __call__(self, branches, pooled):
-    n = branches.shape[-1]
+    branches = tuple(branches) if isinstance(branches, (tuple, list)) else (branches,)
+    n = sum(b.shape[-1] for b in branches)
     kernel = self.param('kernel', nn.linear.default_kernel_init,
                         (1, 1, n + pooled.shape[-1], self.features), jnp.float32)
-    branches, pooled, kernel = promote_dtype(branches, pooled, kernel, dtype=self.dtype)
-    accumulate = jnp.promote_types(branches.dtype, jnp.float32)
-    y = jax.lax.conv_general_dilated(branches, kernel[:, :, :n], (1, 1), ((0, 0), (0, 0)),
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                     preferred_element_type=accumulate)
+    *branches, pooled, kernel = promote_dtype(*branches, pooled, kernel, dtype=self.dtype)
+    accumulate = jnp.promote_types(kernel.dtype, jnp.float32)
+    y = layers.conv_of_concatenation(branches, kernel[:, :, :n], 0, accumulate)
     bias = jax.lax.dot_general(pooled, kernel[0, 0, n:], (((3,), (0,)), ((), ())),
                                preferred_element_type=accumulate)     # (B, 1, 1, features)
-    return (y + bias).astype(branches.dtype)
+    return (y + bias).astype(kernel.dtype)

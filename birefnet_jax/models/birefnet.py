@@ -17,6 +17,7 @@ Module names mirror the official state dict (see ``birefnet_jax.convert.names``)
 from typing import Any
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +26,8 @@ from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
 from birefnet_jax.models.dino_v3 import DinoV3
 from birefnet_jax.models.gdt import laplacian_gdt_gt
-from birefnet_jax.models.layers import BatchNorm, conv, remat_if
+from birefnet_jax.models.layers import (BatchNorm, ConvWeights, composed_conv3x3_pair, conv,
+                                        remat_if)
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
 from birefnet_jax.models.pyramid_neck import neck_channels, pyramid_neck
 from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
@@ -109,15 +111,35 @@ def encoder_channels(cfg) -> tuple[int, int, int, int]:
 
 
 class SimpleConvs(nn.Module):
-  """InRef block: conv3x3 -> conv3x3, no normalization, no activation (official SimpleConvs)."""
+  """InRef block: conv3x3 -> conv3x3, no normalization, no activation (official SimpleConvs).
+
+  ``project`` (out_channels, P), optional: return ``conv_out(conv1(x)) @ project``, computed as
+  one 5x5 conv of ``x`` to P channels (``layers.composed_conv3x3_pair``, with ``project`` folded
+  into conv_out's kernel and bias; exact, as all three are linear), so neither the
+  inter_channels- nor the out_channels-wide map is built (``OutputConv``, at full resolution).
+  The parameters are the two ``nn.Conv``'s either way."""
   out_channels: int
   inter_channels: int
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x):
-    x = conv(self.inter_channels, 3, padding=1, dtype=self.dtype, name='conv1')(x)
-    return conv(self.out_channels, 3, padding=1, dtype=self.dtype, name='conv_out')(x)
+  def __call__(self, x, project=None):
+    kernel1, bias1 = ConvWeights(self.inter_channels, 3, name='conv1')(x.shape[-1])
+    kernel2, bias2 = ConvWeights(self.out_channels, 3, name='conv_out')(self.inter_channels)
+    if project is not None:
+      accumulate = jnp.promote_types(jnp.result_type(kernel2, project), jnp.float32)
+      kernel2 = jnp.einsum('hwco,op->hwcp', kernel2.astype(accumulate),
+                           project.astype(accumulate))
+      bias2 = bias2.astype(accumulate) @ project.astype(accumulate)
+      if self.dtype is not None:
+        x = x.astype(self.dtype)
+      return composed_conv3x3_pair(x, kernel1, bias1, kernel2, bias2,
+                                   jnp.promote_types(x.dtype, accumulate))
+    for kernel, bias in ((kernel1, bias1), (kernel2, bias2)):   # as nn.Conv computes it
+      x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+      x = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+    return x
 
 
 class BasicLatBlk(nn.Module):
@@ -133,32 +155,39 @@ class BasicLatBlk(nn.Module):
 class OutputConv(nn.Module):
   """The official tail ``conv_out1(cat([upsample(p1), inref]))``: a 1x1 conv to one logit.
 
-  In the float32/float64 path computed as written. With a low-precision ``dtype`` the 1x1 conv's
-  p1 part runs before the (linear, per-channel) resize: resize(p1) @ W == resize(p1 @ W), so
-  one channel is upsampled to full resolution instead of p1's (192 for SwinL) and nothing wide
-  is concatenated there. Same parameters (``kernel`` (1, 1, C_p1 + C_inref, 1), ``bias``).
+  ``inref``: None (no InRef), or a function of a projection that returns the InRef map
+  (``Decoder``: ipt_blk1 on the full-resolution image), ``inref_channels`` wide, or its
+  projection (``SimpleConvs``' ``project``).
+
+  In the float32/float64 path computed as written. With a low-precision ``dtype`` the 1x1 conv
+  is split by its input rows: the p1 part runs before the (linear, per-channel) resize,
+  resize(p1) @ W == resize(p1 @ W), so one channel is upsampled to full resolution instead of
+  p1's (192 for SwinL); the InRef part is folded into ipt_blk1's last conv, so neither wide map
+  exists at full resolution and nothing is concatenated there. Same parameters (``kernel``
+  (1, 1, C_p1 + C_inref, 1), ``bias``).
   """
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, p1, inref, size):
+  def __call__(self, p1, inref, inref_channels, size):
     c_p1 = p1.shape[-1]
-    c_in = c_p1 + (0 if inref is None else inref.shape[-1])
+    c_in = c_p1 + (0 if inref is None else inref_channels)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (1, 1, c_in, 1))
     bias = self.param('bias', nn.initializers.zeros, (1,))
     if self.dtype is None:
       x = resize(p1, size)
       if inref is not None:
-        x = jnp.concatenate([x, inref], -1)
+        x = jnp.concatenate([x, inref(None)], -1)
       dtype = jnp.result_type(x.dtype, kernel.dtype)
       out = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1),
                                          ((0, 0), (0, 0)),
                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       return out + bias.astype(dtype)   # as flax's nn.Conv computes it
-    w = kernel[0, 0].astype(self.dtype)
-    out = resize(jnp.einsum('bhwc,co->bhwo', p1.astype(self.dtype), w[:c_p1]), size)
+    w = kernel[0, 0]
+    out = resize(jnp.einsum('bhwc,co->bhwo', p1.astype(self.dtype), w[:c_p1].astype(self.dtype)),
+                 size)
     if inref is not None:
-      out = out + jnp.einsum('bhwc,co->bhwo', inref.astype(self.dtype), w[c_p1:])
+      out = out + inref(w[c_p1:]).astype(self.dtype)
     return out + bias.astype(self.dtype)
 
 
@@ -166,14 +195,15 @@ class Decoder(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: Any = None
 
-  def _inref(self, name, out_channels, images, size):
+  def _inref(self, name, out_channels, images, size, project=None):
     cfg = self.cfg
     if cfg.dec_ipt_split:
       patches = image_to_patches(images, size, cfg.inref_order)
     else:
       patches = images
     patches = resize(patches, size)
-    return SimpleConvs(out_channels, cfg.ipt_inter_channels, dtype=self.dtype, name=name)(patches)
+    return SimpleConvs(out_channels, cfg.ipt_inter_channels, dtype=self.dtype, name=name)(
+        patches, project)
 
   def _dec_block(self, name, out_channels, x, train, deterministic):
     cfg = self.cfg
@@ -226,33 +256,35 @@ class Decoder(nn.Module):
           gdt_preds.append(pred)
       return p
 
-    # Stage 4.
+    # Stage 4. Each stage's input is the official cat([x, InRef]), kept as its two parts: the
+    # block's conv_in sums one conv per part (layers.ConcatConv) instead.
     x = x4
     if cfg.dec_ipt:
-      x = jnp.concatenate([x, self._inref('ipt_blk5', ipt_out[0], images, x4.shape[1:3])], -1)
+      x = (x, self._inref('ipt_blk5', ipt_out[0], images, x4.shape[1:3]))
     p4 = self._dec_block('decoder_block4', dec_out[0], x, train, deterministic)
     p4 = side_outputs(4, p4)
     # Stage 3.
     x = resize(p4, x3.shape[1:3]) + BasicLatBlk(dec_out[0], self.dtype, name='lateral_block4')(x3)
     if cfg.dec_ipt:
-      x = jnp.concatenate([x, self._inref('ipt_blk4', ipt_out[0], images, x3.shape[1:3])], -1)
+      x = (x, self._inref('ipt_blk4', ipt_out[0], images, x3.shape[1:3]))
     p3 = self._dec_block('decoder_block3', dec_out[1], x, train, deterministic)
     p3 = side_outputs(3, p3)
     # Stage 2.
     x = resize(p3, x2.shape[1:3]) + BasicLatBlk(dec_out[1], self.dtype, name='lateral_block3')(x2)
     if cfg.dec_ipt:
-      x = jnp.concatenate([x, self._inref('ipt_blk3', ipt_out[1], images, x2.shape[1:3])], -1)
+      x = (x, self._inref('ipt_blk3', ipt_out[1], images, x2.shape[1:3]))
     p2 = self._dec_block('decoder_block2', dec_out[2], x, train, deterministic)
     p2 = side_outputs(2, p2)
     # Stage 1 (no side outputs), then full resolution.
     x = resize(p2, x1.shape[1:3]) + BasicLatBlk(dec_out[2], self.dtype, name='lateral_block2')(x1)
     if cfg.dec_ipt:
-      x = jnp.concatenate([x, self._inref('ipt_blk2', ipt_out[2], images, x1.shape[1:3])], -1)
+      x = (x, self._inref('ipt_blk2', ipt_out[2], images, x1.shape[1:3]))
     p1 = self._dec_block('decoder_block1', dec_out[3], x, train, deterministic)
     inref = None
-    if cfg.dec_ipt:
-      inref = self._inref('ipt_blk1', ipt_out[3], images, (height, width))
-    final = OutputConv(self.dtype, name='conv_out1_0')(p1, inref, (height, width))
+    if cfg.dec_ipt:   # called by OutputConv, with the projection it folds into ipt_blk1
+      inref = lambda project: self._inref('ipt_blk1', ipt_out[3], images, (height, width),
+                                          project)
+    final = OutputConv(self.dtype, name='conv_out1_0')(p1, inref, ipt_out[3], (height, width))
     scaled_logits.append(final)
     return scaled_logits, gdt_preds, gdt_labels
 
@@ -313,7 +345,8 @@ class BiRefNet(nn.Module):
     # Context fusion and squeeze.
     if cfg.cxt_num:
       context = [resize(f, x4.shape[1:3]) for f in (x1, x2, x3)][-cfg.cxt_num:]
-      x4 = jnp.concatenate(context + [x4], -1)
+      # the official cat(context + [x4]), kept as parts when a squeeze block's conv_in takes it
+      x4 = tuple(context + [x4]) if cfg.squeeze_blocks else jnp.concatenate(context + [x4], -1)
     for i in range(cfg.squeeze_blocks):
       block = decoder_block_class(cfg)
       x4 = block(out_channels=encoder_channels(cfg)[3], inter_channels=cfg.dec_inter_channels,

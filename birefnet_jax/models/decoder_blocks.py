@@ -23,7 +23,8 @@ class BasicDecBlk(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, deterministic: bool):
-    x = layers.conv(self.inter_channels, 3, padding=1, dtype=self.dtype, name='conv_in')(x)
+    # x: one map or the parts of its channel concatenation (layers.ConcatConv never builds it)
+    x = layers.ConcatConv(self.inter_channels, 3, padding=1, dtype=self.dtype, name='conv_in')(x)
     x = batch_norm_or_identity(self.batch_norm, self.dtype, 'bn_in')(x, train)
     x = nn.relu(x)
     x = ASPPDeformable(self.inter_channels, self.planes, self.dropout_rate, self.batch_norm,

@@ -9,6 +9,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +47,116 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                  feature_group_count=groups, dtype=dtype, name=name)
+
+
+def conv_of_concatenation(parts, kernel, padding: int, accumulate_dtype):
+  """``conv(concatenate(parts, -1), kernel)`` (stride 1, symmetric zero ``padding``) as the sum
+  of one conv per part with that part's input rows of ``kernel`` (kh, kw, sum C, O), accumulated
+  in ``accumulate_dtype``: the wide concatenation is never written and read back, which is the
+  cheaper form when O is narrower than the concatenation (the decoder's 1x1 and 3x3 fusing
+  convs). The parts and the kernel are used in the dtype they come in."""
+  out, start = None, 0
+  for part in parts:
+    rows = part.shape[-1]
+    y = jax.lax.conv_general_dilated(part, kernel[:, :, start:start + rows], (1, 1),
+                                     ((padding, padding), (padding, padding)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                     preferred_element_type=accumulate_dtype)
+    out = y if out is None else out + y
+    start += rows
+  if start != kernel.shape[2]:
+    raise ValueError(f'layers.py: the parts have {start} channels in all, the kernel takes '
+                     f'{kernel.shape[2]}')
+  return out
+
+
+class ConcatConv(nn.Module):
+  """``conv(features, kernel_size, padding=padding)`` on the channel concatenation of ``parts``
+  (a sequence of (B, H, W, C_i)), computed by :func:`conv_of_concatenation` without building it.
+  The same parameters as that ``nn.Conv`` (``kernel`` (k, k, sum C_i, features), ``bias``),
+  initialized alike. The sum accumulates in at least float32, then the bias is added and the
+  result cast to the compute ``dtype`` (float32/float64: exact to summation order)."""
+  features: int
+  kernel_size: int
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, parts):
+    if not isinstance(parts, (tuple, list)):
+      parts = (parts,)
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.linear.default_kernel_init,
+                        (k, k, sum(p.shape[-1] for p in parts), self.features), jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias else None)
+    *parts, kernel, bias = promote_dtype(*parts, kernel, bias, dtype=self.dtype)
+    accumulate = jnp.promote_types(kernel.dtype, jnp.float32)
+    y = conv_of_concatenation(parts, kernel, self.padding, accumulate)
+    if bias is not None:
+      y = y + bias.astype(accumulate)
+    return y.astype(kernel.dtype)
+
+
+class ConvWeights(nn.Module):
+  """The ``kernel`` (k, k, in_channels, features) and ``bias`` (features,) of an ``nn.Conv``
+  (the same names and initializers), for a caller that runs the conv itself."""
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, in_channels: int):
+    k = self.kernel_size
+    return (self.param('kernel', nn.linear.default_kernel_init,
+                       (k, k, in_channels, self.features), jnp.float32),
+            self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32))
+
+
+def composed_conv3x3_pair(x, kernel1, bias1, kernel2, bias2, accumulate_dtype):
+  """``conv(conv(x, kernel1) + bias1, kernel2) + bias2`` for two 3x3 convs with zero padding 1
+  and nothing between them (the official SimpleConvs), as one 5x5 conv of ``x`` (padding 2)
+  with the composed kernel and bias, exact: at the border pixels the composition would also
+  count the first conv's values on the ring of positions just outside the image, which the
+  second conv's zero padding leaves out; those are computed from thin strips of the image
+  (its first/last row and column) and subtracted. ``x`` is used in its dtype for the 5x5 conv;
+  the kernels are composed, and the strips computed, in ``accumulate_dtype``, which is also the
+  result's dtype."""
+  acc = accumulate_dtype
+  k1, b1, k2, b2 = (a.astype(acc) for a in (kernel1, bias1, kernel2, bias2))
+  _, height, width, _ = x.shape
+  numbers = ('NHWC', 'HWIO', 'NHWC')
+
+  def conv(a, kernel, padding):
+    return jax.lax.conv_general_dilated(a, kernel, (1, 1), padding, dimension_numbers=numbers,
+                                        preferred_element_type=acc)
+
+  # kernel[s + t] += k1[s] @ k2[t]: tap t of the second conv over tap s of the first
+  composed = jnp.zeros((5, 5) + k1.shape[2:3] + k2.shape[3:], acc)
+  for ty in range(3):
+    for tx in range(3):
+      composed = composed.at[ty:ty + 3, tx:tx + 3].add(
+          jnp.einsum('hwcm,mo->hwco', k1, k2[ty, tx]))
+  bias = b2 + jnp.einsum('m,hwmo->o', b1, k2)
+  out = conv(x, composed.astype(x.dtype), ((2, 2), (2, 2))) + bias
+
+  # The first conv on the outer ring: row -1 (and H) sees only image row 0 (H-1), through the
+  # kernel's last (first) row; column -1 (W), rows 0..H-1 only (the corners belong to the rows),
+  # sees column 0 (W-1) through the kernel's last (first) column.
+  xs = x.astype(acc)
+  top = conv(xs[:, :1], k1[2:], ((0, 0), (2, 2))) + b1                 # (B, 1, W + 2, M)
+  bottom = conv(xs[:, -1:], k1[:1], ((0, 0), (2, 2))) + b1
+  left = conv(xs[:, :, :1], k1[:, 2:], ((1, 1), (0, 0))) + b1           # (B, H, 1, M)
+  right = conv(xs[:, :, -1:], k1[:, :1], ((1, 1), (0, 0))) + b1
+  # ... and what the second conv would take of them at the border pixels
+  valid = ((0, 0), (0, 0))
+  rows_pad = lambda a, before, after: jnp.pad(a, ((0, 0), (before, after), (0, 0), (0, 0)))
+  cols_pad = lambda a, before, after: jnp.pad(a, ((0, 0), (0, 0), (before, after), (0, 0)))
+  ring = (rows_pad(conv(top, k2[:1], valid), 0, height - 1)
+          + rows_pad(conv(bottom, k2[2:], valid), height - 1, 0)
+          + cols_pad(conv(left, k2[:, :1], ((1, 1), (0, 0))), 0, width - 1)
+          + cols_pad(conv(right, k2[:, 2:], ((1, 1), (0, 0))), width - 1, 0))
+  return out - ring
 
 
 def layer_norm(epsilon: float = 1e-5, dtype: Any = None, name: str | None = None):
