@@ -341,7 +341,11 @@ def _backward(geo: _Geometry, x, offset, mask, kernel, g):
     d_samples = _matmul(g_rows, kernel2d, ((1,), (1,)), geo)              # (n, T*C)
     d_samples = d_samples.reshape(-1, geo.taps, geo.channels)
     # d loss / d corner value, reduced over channels: everything the offsets and mask need.
-    d_corner = jnp.sum(corners * d_samples[:, :, None, :], axis=-1)       # (n, T, 4)
+    # A batched matrix-vector product over channels, not a broadcast multiply and a sum: the
+    # (n, T, 4, C) broadcast of d_samples is never built. Full precision: these are the offset
+    # and mask gradients' only sums.
+    d_corner = jnp.einsum('ntkc,ntc->ntk', corners, d_samples,
+                          precision=jax.lax.Precision.HIGHEST)              # (n, T, 4)
     d_mask = jnp.where(inside, jnp.sum(bilinear * d_corner, axis=-1), 0)
     hy, hx = 1 - ly, 1 - lx
     d_y = scale * ((d_corner[..., 2] - d_corner[..., 0]) * hx
