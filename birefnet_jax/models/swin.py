@@ -289,10 +289,8 @@ class PatchMerging(nn.Module):
     _, h, w, _ = x.shape
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    # [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]] on channels, as one transpose
-    b, hp, wp, c = x.shape
-    x = x.reshape(b, hp // 2, 2, wp // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
-    x = x.reshape(b, hp // 2, wp // 2, 4 * c)
+    x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                        axis=-1)
     x = layer_norm(name='norm')(x)
     return nn.Dense(2 * self.dim, use_bias=False, dtype=self.dtype, name='reduction')(x)
 
