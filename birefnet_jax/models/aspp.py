@@ -99,8 +99,7 @@ class PooledBiasConv1x1(nn.Module):
   def __call__(self, branches, pooled):
     branches = tuple(branches) if isinstance(branches, (tuple, list)) else (branches,)
     n = sum(b.shape[-1] for b in branches)
-    kernel = self.param('kernel', nn.linear.default_kernel_init,
-                        (1, 1, n + pooled.shape[-1], self.features), jnp.float32)
+    kernel, _ = layers.conv_params(self, 1, n + pooled.shape[-1], self.features, use_bias=False)
     *branches, pooled, kernel = promote_dtype(*branches, pooled, kernel, dtype=self.dtype)
     accumulate = jnp.promote_types(kernel.dtype, jnp.float32)
     y = layers.conv_of_concatenation(branches, kernel[:, :, :n], 0, accumulate)

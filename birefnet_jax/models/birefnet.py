@@ -17,7 +17,6 @@ Module names mirror the official state dict (see ``birefnet_jax.convert.names``)
 from typing import Any
 
 import flax.linen as nn
-from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,8 +25,8 @@ from birefnet_jax.models import config as config_lib
 from birefnet_jax.models.decoder_blocks import BasicDecBlk
 from birefnet_jax.models.dino_v3 import DinoV3
 from birefnet_jax.models.gdt import laplacian_gdt_gt
-from birefnet_jax.models.layers import (BatchNorm, ConvWeights, composed_conv3x3_pair, conv,
-                                        remat_if)
+from birefnet_jax.models.layers import (BatchNorm, ConvWeights, apply_conv, composed_conv3x3_pair,
+                                        conv, conv_params, remat_if)
 from birefnet_jax.models.pvt_v2 import PyramidVisionTransformerImpr
 from birefnet_jax.models.pyramid_neck import neck_channels, pyramid_neck
 from birefnet_jax.models.resize import resize_bilinear_align_corners as resize
@@ -136,9 +135,7 @@ class SimpleConvs(nn.Module):
       return composed_conv3x3_pair(x, kernel1, bias1, kernel2, bias2,
                                    jnp.promote_types(x.dtype, accumulate))
     for kernel, bias in ((kernel1, bias1), (kernel2, bias2)):   # as nn.Conv computes it
-      x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-      x = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+      x = apply_conv(x, kernel, bias, 1, self.dtype)
     return x
 
 
@@ -172,17 +169,12 @@ class OutputConv(nn.Module):
   def __call__(self, p1, inref, inref_channels, size):
     c_p1 = p1.shape[-1]
     c_in = c_p1 + (0 if inref is None else inref_channels)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (1, 1, c_in, 1))
-    bias = self.param('bias', nn.initializers.zeros, (1,))
+    kernel, bias = conv_params(self, 1, c_in, 1)
     if self.dtype is None:
       x = resize(p1, size)
       if inref is not None:
         x = jnp.concatenate([x, inref(None)], -1)
-      dtype = jnp.result_type(x.dtype, kernel.dtype)
-      out = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1),
-                                         ((0, 0), (0, 0)),
-                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      return out + bias.astype(dtype)   # as flax's nn.Conv computes it
+      return apply_conv(x, kernel, bias, 0)   # as flax's nn.Conv computes it
     w = kernel[0, 0]
     out = resize(jnp.einsum('bhwc,co->bhwo', p1.astype(self.dtype), w[:c_p1].astype(self.dtype)),
                  size)

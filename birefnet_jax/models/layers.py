@@ -86,11 +86,8 @@ class ConcatConv(nn.Module):
   def __call__(self, parts):
     if not isinstance(parts, (tuple, list)):
       parts = (parts,)
-    k = self.kernel_size
-    kernel = self.param('kernel', nn.linear.default_kernel_init,
-                        (k, k, sum(p.shape[-1] for p in parts), self.features), jnp.float32)
-    bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-            if self.use_bias else None)
+    kernel, bias = conv_params(self, self.kernel_size, sum(p.shape[-1] for p in parts),
+                               self.features, self.use_bias)
     *parts, kernel, bias = promote_dtype(*parts, kernel, bias, dtype=self.dtype)
     accumulate = jnp.promote_types(kernel.dtype, jnp.float32)
     y = conv_of_concatenation(parts, kernel, self.padding, accumulate)
@@ -107,10 +104,29 @@ class ConvWeights(nn.Module):
 
   @nn.compact
   def __call__(self, in_channels: int):
-    k = self.kernel_size
-    return (self.param('kernel', nn.linear.default_kernel_init,
-                       (k, k, in_channels, self.features), jnp.float32),
-            self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32))
+    return conv_params(self, self.kernel_size, in_channels, self.features)
+
+
+def conv_params(module: nn.Module, kernel_size: int, in_channels: int, features: int,
+                use_bias: bool = True):
+  """Declare on ``module`` the ``kernel`` (k, k, in_channels, features) and ``bias`` (features,
+  or None without ``use_bias``) that an ``nn.Conv`` in its place would have: the same names,
+  shapes, float32 and initializers, so checkpoints and the weight converter see an nn.Conv."""
+  k = kernel_size
+  kernel = module.param('kernel', nn.linear.default_kernel_init,
+                        (k, k, in_channels, features), jnp.float32)
+  bias = (module.param('bias', nn.initializers.zeros_init(), (features,), jnp.float32)
+          if use_bias else None)
+  return kernel, bias
+
+
+def apply_conv(x, kernel, bias, padding: int, dtype: Any = None):
+  """What ``nn.Conv`` (stride 1, symmetric zero ``padding``) computes with this ``kernel`` and
+  ``bias`` (or None): the inputs promoted to ``dtype``, one conv, the bias added."""
+  x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding), (padding, padding)),
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return y if bias is None else y + bias
 
 
 def composed_conv3x3_pair(x, kernel1, bias1, kernel2, bias2, accumulate_dtype):
