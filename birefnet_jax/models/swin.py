@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from birefnet_jax.models.attention import softmax_attention, softmax_attention_recomputed
 from birefnet_jax.models.layers import DropPath, conv, gelu, layer_norm, remat_if
 
 
@@ -158,7 +159,8 @@ class WindowAttention(nn.Module):
 
   ``attention`` picks how: 'einsum' (two batched matmuls around a float32 softmax, the
   reference and the default; with a low-precision ``dtype`` the logits come out of the matmul in
-  that dtype and the softmax runs in float32, as under torch autocast), or
+  that dtype and the softmax runs in float32, as under torch autocast; there its gradient
+  recomputes the logits rather than storing them, ``attention.softmax_attention_recomputed``), or
   ``jax.nn.dot_product_attention`` with ``implementation`` 'xla' or 'cudnn' (cuDNN's fused
   attention: GPU only, bfloat16/float16 compute only). The fused kernels take one additive bias
   per (window, head): the relative position bias plus, in shifted blocks, the window's mask,
@@ -200,19 +202,11 @@ class WindowAttention(nn.Module):
       different = regions[:, None, :, None] != regions[:, None, None, :]   # (nW, 1, N, N)
 
     if self.attention == 'einsum':
-      # The official scales q before Q K^T; the logits in the compute dtype (float32 in the
-      # float32/float64 paths), the softmax in at least float32.
-      softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
-      q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-      logits = jnp.einsum('bwhqd,bwhkd->bwhqk', q, k, preferred_element_type=q.dtype)
-      logits = logits.astype(softmax_dtype) + bias.astype(softmax_dtype)
-      if different is not None:  # shared by all images and heads
-        # Added as 0 / -inf (exactly the masked where) rather than selected: XLA then fuses the
-        # label comparison into the softmax's pass over the logits, with no pass of its own.
-        logits = logits + jnp.where(different, jnp.asarray(-jnp.inf, softmax_dtype),
-                                    jnp.asarray(0, softmax_dtype))
-      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-      out = jnp.einsum('bwhqk,bwhkd->bwhqd', probs, v)
+      # Low precision (the fast path): the gradient recomputes the logits instead of storing
+      # them (attention.softmax_attention_recomputed); float32/float64: plain autodiff.
+      low_precision = jnp.finfo(q.dtype).bits < 32
+      core = softmax_attention_recomputed if low_precision else softmax_attention
+      out = core(q, k, v, bias, different, head_dim ** -0.5)
     else:
       bias = bias[None]                                            # (1, heads, N, N)
       if different is not None:                                    # (B*nW, heads, N, N)
