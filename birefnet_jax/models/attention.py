@@ -60,11 +60,12 @@ def _recomputed_forward(q, k, v, bias, different, scale):
 
 def _recomputed_backward(scale, residuals, d_out):
   q, k, v, bias, different = residuals
+  d_out = d_out.astype(v.dtype)
   q_scaled, logits = _logits(q, k, bias, different, scale)
   probs = jax.nn.softmax(logits, axis=-1)                     # float32 (or float64)
   probs_cast = probs.astype(v.dtype)
-  d_v = jnp.einsum('bwhqk,bwhqd->bwhkd', probs_cast, d_out.astype(v.dtype))
-  d_probs = jnp.einsum('bwhqd,bwhkd->bwhqk', d_out.astype(v.dtype), v).astype(probs.dtype)
+  d_v = jnp.einsum('bwhqk,bwhqd->bwhkd', probs_cast, d_out)
+  d_probs = jnp.einsum('bwhqd,bwhkd->bwhqk', d_out, v).astype(probs.dtype)
   d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
   d_bias = jnp.sum(d_logits, axis=(0, 1)).astype(bias.dtype)
   d_logits = d_logits.astype(q.dtype)                         # the logits' dtype
@@ -78,6 +79,6 @@ _recomputed.defvjp(_recomputed_forward, _recomputed_backward)
 
 
 def softmax_attention_recomputed(q, k, v, bias, different, scale: float):
-  """:func:`softmax_attention` with a gradient that stores only q, k, v and the bias and
-  recomputes the logits and the softmax in the backward pass (see the module docstring)."""
+  """:func:`softmax_attention` with a gradient that stores only q, k, v, the bias and the
+  mask and recomputes the logits and the softmax in the backward pass (see the module docstring)."""
   return _recomputed(q, k, v, bias, different, float(scale))
